@@ -1,0 +1,24 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# VENV can live outside the clone (CI keeps one keyed by the hash of pyproject.toml).
+VENV ?= .venv
+PYTHON ?= python3
+# A CPU build where the platform offers one on its default index; users with a GPU may install their own torch.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.yem-deps-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip "setuptools>=69"
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/dvc repro
+
+test: install
+	$(VENV)/bin/python -m pytest

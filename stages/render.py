@@ -1,0 +1,31 @@
+"""Stage 5, render: validation images per prompt × seed without and with the LoRA, and a comparison grid."""
+
+import json
+from pathlib import Path
+
+import click
+
+from stages import reported
+from yem import atomic
+from yem.params import load_params
+from yem.render import render_validation
+
+PathOption = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
+@click.option("--hardware", type=PathOption, required=True)
+@click.option("--embeds", type=PathOption, required=True)
+@click.option("--lora", "lora_dir", type=PathOption, required=True)
+@click.option("--out", type=PathOption, required=True, help="folder of PNGs, grid.png and index.json")
+def main(params_path: Path, hardware: Path, embeds: Path, lora_dir: Path, out: Path) -> None:
+    with reported(), atomic.staged_dir(out) as staging:
+        params = load_params(params_path)
+        index = render_validation(params.model, params.render, json.loads(hardware.read_text()), embeds, lora_dir,
+                                  staging)
+        atomic.write_json(staging / "index.json", index)
+
+
+if __name__ == "__main__":
+    main()

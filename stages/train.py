@@ -1,0 +1,35 @@
+"""Stage 4, train: the LoRA on cached latents and embeddings; checkpointed, resumes after an interruption."""
+
+import json
+from pathlib import Path
+
+import click
+
+from stages import reported
+from yem import metrics
+from yem.params import load_params
+from yem.train import run_training
+
+PathOption = click.Path(path_type=Path)
+
+
+@click.command()
+@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
+@click.option("--hardware", type=PathOption, required=True)
+@click.option("--latents", type=PathOption, required=True)
+@click.option("--embeds", type=PathOption, required=True)
+@click.option("--out", type=PathOption, required=True, help="folder for pytorch_lora_weights.safetensors")
+@click.option("--metrics", "metrics_path", type=PathOption, required=True, help="summary metrics (JSON)")
+@click.option("--steps-log", type=PathOption, required=True, help="per-step log for dvc plots (TSV)")
+def main(params_path: Path, hardware: Path, latents: Path, embeds: Path, out: Path, metrics_path: Path,
+         steps_log: Path) -> None:
+    with reported():
+        params = load_params(params_path)
+        result = run_training(params.model, params.train, json.loads(hardware.read_text()), latents, embeds, out,
+                              params.root)
+    metrics.write_json(metrics_path, result.metrics())
+    metrics.write_tsv(steps_log, result.rows)
+
+
+if __name__ == "__main__":
+    main()

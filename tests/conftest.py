@@ -1,0 +1,57 @@
+"""Shared fixtures: everything offline, the tiny SD3 built once per session, projects in temporary git repos."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "yem", "data"]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["GIT_AUTHOR_NAME"] = os.environ["GIT_COMMITTER_NAME"] = "yem tests"
+os.environ["GIT_AUTHOR_EMAIL"] = os.environ["GIT_COMMITTER_EMAIL"] = "tests@yem.invalid"
+# The tiny model is built once per machine into YEM_HOME (tests use their own, shared across test runs).
+os.environ.setdefault("YEM_HOME", str(Path.home() / ".cache" / "yem-tests"))
+
+from yem.device import configure_environment  # noqa: E402  (before torch is imported anywhere)
+
+configure_environment()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from yem.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's environment first on PATH (DVC stages run `python -m ...`)."""
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PATH": path,
+                                                                               **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(folder: Path) -> Path:
+    """A copy of the yem pipeline as a fresh git + DVC repository with one commit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, folder / name)
+    run(["git", "init", "-q", "-b", "main"], folder)
+    run([sys.executable, "-m", "dvc", "init", "-q"], folder)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], folder)
+    run(["git", "add", "-A"], folder)
+    run(["git", "commit", "-q", "-m", "yem project"], folder)
+    return folder

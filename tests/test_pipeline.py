@@ -1,0 +1,91 @@
+"""The whole DVC pipeline on the tiny model in a temporary git repository, started by the one-liner, then
+incremental recomputation asserted from what DVC actually ran."""
+
+import json
+import re
+import sys
+
+import pytest
+from huggingface_hub import ModelCard
+from PIL import Image
+
+from tests.conftest import make_project, run
+from yem.params import set_values
+from yem.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
+
+pytestmark = pytest.mark.pipeline
+PROMPT = "a photo of sks dog"
+ALWAYS = {"preflight"}  # the probe runs on every repro by design; its outputs decide what else reruns
+
+
+def ran(result) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", result.stdout + result.stderr))
+
+
+def repro(folder) -> set[str]:
+    return ran(run([sys.executable, "-m", "dvc", "repro"], folder))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    set_values(folder / "params.yaml", {"render.steps": 2, "render.seeds": [0], "train.checkpoint_every": 10})
+    result = run([sys.executable, "-m", "yem", "train", "--model", "tiny", "--data", "data/instance", "--prompt",
+                  PROMPT, "--resolution", "64", "--batch-size", "auto", "--steps", "30", "--validation-prompt",
+                  "a sks dog on the moon", "--output", "result"], folder)
+    assert ran(result) == {"preflight", "encode", "latents", "train", "render", "card"}
+    return folder
+
+
+def test_one_liner_produces_every_artefact(project):
+    hardware = json.loads((project / "build/preflight.json").read_text())
+    assert hardware["backend"] == "cpu" and hardware["dtype"] == "float32"
+    assert len(json.loads((project / "build/latents/index.json").read_text())["samples"]) == 6
+    assert (project / "build/lora/pytorch_lora_weights.safetensors").stat().st_size > 0
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["steps"] == 30 and metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+    assert len((project / "metrics/train_steps.tsv").read_text().splitlines()) == 31
+    validation = json.loads((project / "build/validation/index.json").read_text())
+    assert validation["rows"] == ["base", "lora"] and len(validation["cells"]) == 1  # 1 prompt × 1 seed
+    grid = Image.open(project / "build/validation/grid.png")
+    assert grid.size == (ROW_LABEL_WIDTH + GRID_CELL, LABEL_HEIGHT + 2 * GRID_CELL)
+    for folder in (project / "dist", project / "result"):
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.instance_prompt == PROMPT and "tiny" in card.text
+        assert (folder / "pytorch_lora_weights.safetensors").exists()
+        assert (folder / "images/lora/p0-s0.png").exists() and (folder / "images/grid.png").exists()
+    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project).stdout)
+    (workspace,) = shown.values()  # keyed "" or "workspace" depending on the DVC version
+    assert workspace["data"]["metrics/train.json"]["data"]["steps"] == 30
+
+
+def test_second_repro_runs_nothing_but_the_probe(project):
+    assert repro(project) == ALWAYS
+
+
+def test_rank_change_reruns_only_train_render_card(project):
+    set_values(project / "params.yaml", {"train.rank": 8, "train.alpha": 8})
+    assert repro(project) - ALWAYS == {"train", "render", "card"}
+
+
+def test_editing_one_image_reruns_latents_and_later_but_not_encode(project):
+    path = project / "data/instance/dog01.png"
+    image = Image.open(path).convert("RGB")
+    image.putpixel((5, 5), (255, 0, 0))
+    image.save(path)
+    assert repro(project) - ALWAYS == {"latents", "train", "render", "card"}
+
+
+def test_changing_the_prompt_reruns_encode_and_later_but_not_latents(project):
+    set_values(project / "params.yaml", {"prompts.instance": "a photo of zwx dog"})
+    assert repro(project) - ALWAYS == {"encode", "train", "render", "card"}
+
+
+def test_experiment_reruns_only_what_the_param_touches(project):
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "baseline"], project)
+    result = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.rank=2", "-n", "rank2"], project)
+    assert ran(result) - ALWAYS == {"train", "render", "card"}
+    table = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout)
+    names = [exp.get("name") for row in table for exp in row.get("experiments") or [] for exp in exp["revs"]]
+    assert "rank2" in names

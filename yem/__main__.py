@@ -1,0 +1,5 @@
+"""`python -m yem ...` runs the yem command."""
+
+from yem.cli import main
+
+main()

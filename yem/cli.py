@@ -1,0 +1,98 @@
+"""The `yem` command (also `python -m yem`): the one-liner for people who don't use DVC directly.
+
+`yem train` writes the options into params.yaml and runs `dvc repro`, so it reproduces exactly the pipeline
+that `dvc repro` and `dvc exp run` run, and shares every cache with them.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from yem.errors import YemError
+
+# When a real model replaces the tiny demo model, keys the user did not set take values suited to SD3.
+REAL_MODEL_DEFAULTS = {"train.learning_rate": 1e-4, "train.steps": 500, "render.steps": 28,
+                       "render.guidance_scale": 7.0}
+
+
+@click.group()
+@click.version_option(package_name="yem")
+def main() -> None:
+    """DreamBooth LoRA for Stable Diffusion 3 on Apple Silicon, CUDA and CPU."""
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("expected a whole number or 'auto'") from None
+
+
+@main.command()
+@click.option("--model", help="SD3 model: a hub id, a local diffusers folder, or 'tiny' (offline demo)")
+@click.option("--data", type=click.Path(path_type=Path), help="folder of your photos (+ same-name .txt captions)")
+@click.option("--prompt", help="instance prompt with a trigger word, e.g. 'a photo of sks dog'")
+@click.option("--resolution", type=int, help="training resolution in pixels (1024 for SD3)")
+@click.option("--batch-size", callback=lambda ctx, p, v: None if v is None else _batch_size(v),
+              help="images per step, or 'auto' to pick the largest that fits")
+@click.option("--steps", type=int, help="optimizer steps")
+@click.option("--rank", type=int, help="LoRA rank (alpha follows it unless --alpha is given)")
+@click.option("--alpha", type=float, help="LoRA alpha (scale = alpha / rank)")
+@click.option("--lr", type=float, help="learning rate")
+@click.option("--validation-prompt", multiple=True, help="a prompt to render; repeat for several")
+@click.option("--output", type=click.Path(path_type=Path), help="copy the result (dist/) into this folder")
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+def train(model, data, prompt, resolution, batch_size, steps, rank, alpha, lr, validation_prompt, output,
+          params_path) -> None:
+    """Set params.yaml from the options and run the whole pipeline (dvc repro)."""
+    from yem.params import load_params, set_values
+
+    project = params_path.resolve().parent
+    try:
+        if not (project / "dvc.yaml").exists():
+            raise YemError(f"{project}: no dvc.yaml here. Run yem from the yem project folder, or pass --params "
+                           f"path/to/params.yaml.")
+        explicit = {"model.id": model, "data.instance_dir": _portable(data, project), "prompts.instance": prompt,
+                    "data.resolution": resolution, "train.batch_size": batch_size, "train.steps": steps,
+                    "train.rank": rank, "train.alpha": alpha if alpha is not None else rank,
+                    "train.learning_rate": lr, "prompts.validation": list(validation_prompt) or None}
+        updates = {key: value for key, value in explicit.items() if value is not None}
+        if model not in (None, "tiny"):
+            updates = {**{k: v for k, v in REAL_MODEL_DEFAULTS.items() if k not in updates}, **updates}
+        if updates:
+            set_values(params_path, updates)
+            for key, value in updates.items():
+                click.echo(f"params.yaml {key}: {value}", err=True)
+        load_params(params_path)
+        _repro(project)
+        if output:
+            shutil.copytree(project / "dist", output, dirs_exist_ok=True)
+            click.echo(f"result copied to {output}", err=True)
+    except YemError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _portable(folder: Path | None, project: Path) -> str | None:
+    if folder is None:
+        return None
+    folder = folder.expanduser().resolve()
+    return folder.relative_to(project).as_posix() if folder.is_relative_to(project) else str(folder)
+
+
+def _repro(project: Path) -> None:
+    """Run `dvc repro` with this Python's environment first on PATH (the stages run `python -m stages.x`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+    dvc = shutil.which("dvc", path=env["PATH"])
+    if dvc is None:
+        raise YemError("dvc: not found next to this Python. Install yem's dependencies: pip install -e .")
+    result = subprocess.run([dvc, "repro"], cwd=project, env=env)
+    if result.returncode != 0:
+        raise YemError(f"dvc repro failed (exit {result.returncode}); the stage's message is above. Fix it and "
+                       f"rerun the same command: finished stages are not repeated.")

@@ -1,0 +1,318 @@
+"""Typed, validated params: the only reader (and writer) of params.yaml.
+
+One frozen dataclass per params.yaml section. Fields have no defaults: params.yaml is the single source of
+truth for every value that changes an output, so `dvc params diff` shows all of them. Parsing uses ruamel's
+YAML 1.2 safe loader, as DVC does (PyYAML would read `1e-4` as a string). Every problem in the file is
+reported at once: unknown keys (with the nearest valid name), missing keys, wrong types, out-of-range values.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+from yem.errors import ParamsError
+
+Auto = Literal["auto"]
+
+
+def rule(**checks: Any) -> Any:
+    """Attach range checks to a field: at_least, above, at_most, multiple_of, non_empty."""
+    return field(metadata=checks)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelParams:
+    SECTION: ClassVar[str] = "model"
+    id: str  # "tiny" (offline demo model), a Hugging Face hub id, or a local diffusers folder
+    revision: str | None  # branch, tag or commit of a hub model; pin a commit for reproducible runs
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceParams:
+    SECTION: ClassVar[str] = "device"
+    backend: Literal["auto", "cuda", "mps", "cpu"]
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"]  # auto: probed on the device by preflight
+
+
+@dataclass(frozen=True, slots=True)
+class DataParams:
+    SECTION: ClassVar[str] = "data"
+    instance_dir: str  # your photos (+ optional same-stem .txt captions); relative to params.yaml or absolute
+    prior_dir: str | None  # class images for prior preservation, or null
+    resolution: int = rule(at_least=64, at_most=4096, multiple_of=16)
+    center_crop: bool  # false: a random crop, fixed per image
+    random_flip: bool  # caches the mirrored image too; training picks one per epoch
+    small_images: Literal["upscale", "refuse"]  # images smaller than the resolution
+
+
+@dataclass(frozen=True, slots=True)
+class PromptParams:
+    SECTION: ClassVar[str] = "prompts"
+    instance: str = rule(non_empty=True)  # used for every image without a caption file; holds the trigger word
+    prior: str | None  # the class prompt for prior-preservation images, e.g. "a photo of a dog"
+    validation: list[str] = rule(non_empty=True)
+    negative: str  # the negative prompt used for classifier-free guidance when rendering
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeParams:
+    SECTION: ClassVar[str] = "encode"
+    use_t5: bool  # false: SD3's T5-free mode (zeros), saves ~9.5 GB while encoding
+    max_sequence_length: int = rule(at_least=1, at_most=512)  # T5 tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TrainParams:
+    SECTION: ClassVar[str] = "train"
+    steps: int = rule(at_least=1)  # optimizer updates
+    batch_size: int | Auto = rule(at_least=1)
+    gradient_accumulation: int = rule(at_least=1)
+    effective_batch_size: int | None = rule(at_least=1)  # when set with batch_size auto, accumulation follows
+    rank: int = rule(at_least=1, at_most=1024)
+    alpha: float = rule(above=0)  # LoRA scale is alpha / rank
+    targets: list[str] = rule(non_empty=True)  # peft target_modules: suffixes of Linear names
+    learning_rate: float = rule(above=0, at_most=1)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+    lr_warmup_steps: int = rule(at_least=0)
+    weight_decay: float = rule(at_least=0)
+    max_grad_norm: float | None = rule(above=0)
+    seed: int
+    gradient_checkpointing: bool | Auto
+    weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]
+    logit_mean: float
+    logit_std: float = rule(above=0)
+    mode_scale: float
+    precondition_outputs: bool
+    prior_loss_weight: float = rule(at_least=0)
+    repeats: int = rule(at_least=1)
+    checkpoint_every: int = rule(at_least=1)
+    checkpoints_keep: int = rule(at_least=1)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.lr_warmup_steps > self.steps:
+            found.append(f"train.lr_warmup_steps: exceeds train.steps (got {self.lr_warmup_steps} > "
+                         f"{self.steps}). Lower it or raise train.steps.")
+        if self.effective_batch_size is not None and isinstance(self.batch_size, int):
+            if self.effective_batch_size != self.batch_size * self.gradient_accumulation:
+                found.append(f"train.effective_batch_size: must equal batch_size × gradient_accumulation "
+                             f"(got {self.effective_batch_size} ≠ {self.batch_size} × {self.gradient_accumulation})."
+                             f" Set it to null, or set train.batch_size: auto.")
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class RenderParams:
+    SECTION: ClassVar[str] = "render"
+    seeds: list[int] = rule(non_empty=True)
+    steps: int = rule(at_least=1)
+    guidance_scale: float = rule(at_least=0)
+    resolution: int | None = rule(at_least=64, at_most=4096, multiple_of=16)  # null: the training resolution
+
+
+@dataclass(frozen=True, slots=True)
+class ExportParams:
+    SECTION: ClassVar[str] = "export"
+    name: str = rule(non_empty=True)  # the model card's title and the suggested Hub repo name
+    license: str = rule(non_empty=True)
+    formats: list[Literal["diffusers", "comfyui", "kohya"]] = rule(non_empty=True)
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalParams:
+    SECTION: ClassVar[str] = "thermal"
+    # Runtime behaviour only: it changes how training runs, never what it produces, so no stage lists it.
+    OUTPUT_NEUTRAL: ClassVar[bool] = True
+    policy: Literal["pause", "stop", "ignore"]
+    max_pause_s: float = rule(at_least=0)
+
+
+SECTIONS = (ModelParams, DeviceParams, DataParams, PromptParams, EncodeParams, TrainParams, RenderParams,
+            ExportParams, ThermalParams)
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    model: ModelParams
+    device: DeviceParams
+    data: DataParams
+    prompts: PromptParams
+    encode: EncodeParams
+    train: TrainParams
+    render: RenderParams
+    export: ExportParams
+    thermal: ThermalParams
+    root: Path  # the folder holding params.yaml: relative data paths are resolved against it
+
+
+def load_params(path: Path | str) -> Params:
+    """Read and validate params.yaml; raise ParamsError listing every problem found."""
+    path = Path(path)
+    raw = read_yaml(path)
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ParamsError(str(path), [f": expected sections like 'train:' at the top level (got {_kind(raw)})."])
+    names = [cls.SECTION for cls in SECTIONS]
+    problems += _unknown(raw, names, prefix="")
+    sections = {}
+    for cls in SECTIONS:
+        if cls.SECTION not in raw:
+            problems.append(f"{cls.SECTION}: missing section. Add it (see the params.yaml in the yem repository).")
+            continue
+        section, found = _build(cls, raw[cls.SECTION])
+        problems += found
+        sections[cls.SECTION] = section
+    if not problems:
+        problems += _across_sections(sections)
+    if problems:
+        raise ParamsError(str(path), problems)
+    return Params(**sections, root=path.resolve().parent)
+
+
+def _across_sections(sections: dict[str, Any]) -> list[str]:
+    data, prompts = sections["data"], sections["prompts"]
+    found = []
+    if data.prior_dir is not None and prompts.prior is None:
+        found.append("prompts.prior: required when data.prior_dir is set (got null). Give the class prompt, "
+                     "e.g. 'a photo of a dog', or set data.prior_dir: null.")
+    if prompts.prior is not None and data.prior_dir is None:
+        found.append("data.prior_dir: required when prompts.prior is set (got null). Point it at class images, "
+                     "or set prompts.prior: null.")
+    return found
+
+
+def read_yaml(path: Path) -> Any:
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(str(path), [": file not found. Run from the project folder or pass --params."]) from None
+    except (YAMLError, UnicodeDecodeError) as e:
+        detail = " ".join(str(e).split())
+        raise ParamsError(str(path), [f": not valid YAML ({detail}). Fix the syntax."]) from None
+
+
+def set_values(path: Path, updates: dict[str, Any]) -> None:
+    """Set dotted keys (`train.rank`) in params.yaml, keeping its comments, then check the result loads."""
+    from ruamel.yaml import YAML
+
+    from yem import atomic
+
+    yaml = YAML()  # round-trip mode: comments and order survive
+    yaml.preserve_quotes = True
+    doc = yaml.load(path.read_text(encoding="utf-8"))
+    for dotted, value in updates.items():
+        section, _, key = dotted.partition(".")
+        if section not in doc or key not in doc[section]:
+            raise ParamsError(str(path), [f"{dotted}: no such key to set. Check the spelling."])
+        doc[section][key] = value
+    from io import StringIO
+
+    buffer = StringIO()
+    yaml.dump(doc, buffer)
+    staged = path.with_name(f".{path.name}.check")
+    try:
+        staged.write_text(buffer.getvalue(), encoding="utf-8")
+        load_params(staged)  # refuse to write a params file that does not validate
+    finally:
+        staged.unlink(missing_ok=True)
+    atomic.write_text(path, buffer.getvalue())
+
+
+def _build(cls: type, raw: Any) -> tuple[Any, list[str]]:
+    section = cls.SECTION
+    if not isinstance(raw, dict):
+        return None, [f"{section}: expected a mapping of keys (got {_kind(raw)})."]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    problems = _unknown(raw, list(fields), prefix=f"{section}.")
+    values = {}
+    for name, f in fields.items():
+        key = f"{section}.{name}"
+        if name not in raw:
+            problems.append(f"{key}: missing. Add it (expected {_describe(hints[name])}).")
+            continue
+        value = raw[name]
+        if not _matches(value, hints[name]):
+            problems.append(f"{key}: expected {_describe(hints[name])} (got {value!r}).{_nearest(value, hints[name])}")
+            continue
+        problems += [f"{key}: {p}" for p in _check_rules(value, f.metadata)]
+        values[name] = float(value) if hints[name] is float and isinstance(value, int) else value
+    if problems:
+        return None, problems
+    instance = cls(**values)
+    return instance, instance.problems() if hasattr(instance, "problems") else []
+
+
+def _unknown(raw: dict, valid: list[str], prefix: str) -> list[str]:
+    found = []
+    for key in raw:
+        if key not in valid:
+            near = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{prefix}{near[0]}'?" if near else f" Valid keys: {', '.join(valid)}."
+            found.append(f"{prefix}{key}: unknown key.{hint}")
+    return found
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return any(value == option and type(value) is type(option) for option in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _nearest(value: Any, tp: Any) -> str:
+    options = [o for arg in (*typing.get_args(tp), tp) if typing.get_origin(arg) is Literal for o in typing.get_args(arg)]
+    near = difflib.get_close_matches(value, [str(o) for o in options], n=1) if isinstance(value, str) else []
+    return f" Did you mean '{near[0]}'?" if near else ""
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return " or ".join(repr(option) for option in typing.get_args(tp))
+    if origin is list:
+        return f"a list of ({_describe(typing.get_args(tp)[0])})"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> list[str]:
+    if value is None or isinstance(value, str) and value == "auto":
+        return []
+    found = []
+    if checks.get("non_empty") and len(value) == 0:
+        found.append("must not be empty. Give at least one value.")
+    if "at_least" in checks and value < checks["at_least"]:
+        found.append(f"must be at least {checks['at_least']} (got {value}).")
+    if "above" in checks and value <= checks["above"]:
+        found.append(f"must be greater than {checks['above']} (got {value}).")
+    if "at_most" in checks and value > checks["at_most"]:
+        found.append(f"must be at most {checks['at_most']} (got {value}).")
+    step = checks.get("multiple_of")
+    if step and value % step:
+        low, high = value // step * step, (value // step + 1) * step
+        found.append(f"must be a multiple of {step} (latent ×8, patch ×2) (got {value}). Use {low or high} or {high}.")
+    return found
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__}"

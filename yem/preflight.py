@@ -1,0 +1,69 @@
+"""Check the hardware and the inputs before anything heavy runs, and write down what was decided.
+
+Two kinds of facts come out. Stable ones (backend, dtype, library versions, the image list with content hashes,
+the captions) go into tracked files: downstream stages depend on them and rerun only when they change.
+Volatile readings (device name, memory, time) go to a log no stage depends on.
+"""
+
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from yem import data, device
+from yem.params import DataParams, DeviceParams
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    hardware: dict  # -> build/preflight.json: backend, dtype, versions
+    images: dict  # -> build/images.json: id -> path, sha256 (latents depend on this)
+    captions: dict  # -> build/captions.json: id -> caption or null (encode depends on this)
+    notes: list[str]  # skipped files, empty captions: shown to the user
+    log: dict  # -> logs/preflight.json: volatile readings
+
+
+def run_preflight(device_settings: DeviceParams, data_settings: DataParams, root: Path) -> Preflight:
+    """Probe the device, choose the precision, and survey the image folders (paths relative to `root`)."""
+    hardware = probe_hardware(device_settings)
+    samples, notes = survey(data_settings, root)
+    images = {s.id: {"path": _portable(s.path, root), "sha256": data.file_sha256(s.path)} for s in samples}
+    captions = {s.id: s.caption for s in samples}
+    log = {"device_name": device.device_name(hardware["backend"]), "platform": platform.platform(),
+           "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes}
+    return Preflight(hardware=hardware, images={"samples": images}, captions={"captions": captions},
+                     notes=notes, log=log)
+
+
+def probe_hardware(params: DeviceParams) -> dict:
+    backend = device.pick_backend(params.backend)
+    return {"backend": backend, "dtype": device.pick_dtype(backend, params.mixed_precision),
+            "torch": metadata.version("torch"), "diffusers": metadata.version("diffusers")}
+
+
+def survey(settings: DataParams, root: Path) -> tuple[list[data.Sample], list[str]]:
+    """Find every image (instance and prior), decode each once to reject broken files before any model loads."""
+    found = data.discover(_resolve(root, settings.instance_dir), "instance", "data.instance_dir")
+    samples, notes = list(found.samples), list(found.notes)
+    if settings.prior_dir is not None:
+        prior = data.discover(_resolve(root, settings.prior_dir), "prior", "data.prior_dir")
+        samples += prior.samples
+        notes += prior.notes
+    for sample in samples:
+        note = data.check_size(data.open_image(sample.path), settings.resolution, settings.small_images, sample.path)
+        notes += [note] if note else []
+    return samples, notes
+
+
+def _resolve(root: Path, path: str) -> Path:
+    """A params path: relative to the folder of params.yaml, absolute, or starting with ~."""
+    return (root / Path(path).expanduser()).resolve()
+
+
+def _portable(path: Path, root: Path) -> str:
+    """Paths inside the project are stored relative to it, so the manifest is the same on every clone."""
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path.resolve())
