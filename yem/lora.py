@@ -5,6 +5,7 @@ round trip through `StableDiffusion3Pipeline.load_lora_weights`; yem adds its ow
 """
 
 import difflib
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +15,6 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from yem import atomic, lora_file
 from yem.errors import YemError
-from yem.lora_file import WEIGHT_NAME
 
 
 def attach(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
@@ -54,13 +54,19 @@ def adapter_config(transformer: torch.nn.Module) -> dict:
     return transformer.peft_config["default"].to_dict()
 
 
-def save(transformer: torch.nn.Module, out_dir: Path, provenance: dict[str, str]) -> Path:
-    """Write `out_dir/pytorch_lora_weights.safetensors` through diffusers, adding yem's provenance metadata."""
+def save(transformer: torch.nn.Module, path: Path, provenance: dict[str, str]) -> Path:
+    """Write the adapter to `path` through diffusers' SD3 saver (diffusers layout + adapter metadata), adding
+    yem's provenance to the header; atomically."""
+    import tempfile
+
     from diffusers import StableDiffusion3Pipeline
 
-    with atomic.staged_dir(out_dir) as staging:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as staging:
         StableDiffusion3Pipeline.save_lora_weights(
-            staging, transformer_lora_layers=adapter_state(transformer),
+            staging, transformer_lora_layers=adapter_state(transformer), weight_name=path.name,
             transformer_lora_adapter_metadata=adapter_config(transformer))
-        lora_file.add_metadata(staging / WEIGHT_NAME, provenance)
-    return out_dir / WEIGHT_NAME
+        written = Path(staging) / path.name
+        lora_file.add_metadata(written, provenance)
+        atomic.write_with(path, lambda tmp: shutil.copyfile(written, tmp))
+    return path

@@ -36,6 +36,7 @@ class DeviceParams:
     SECTION: ClassVar[str] = "device"
     backend: Literal["auto", "cuda", "mps", "cpu"]
     mixed_precision: Literal["auto", "bf16", "fp16", "no"]  # auto: probed on the device by preflight
+    memory_limit_gib: float | None = rule(above=0)  # null: what the device can use without swapping
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,9 @@ class TrainParams:
     repeats: int = rule(at_least=1)
     checkpoint_every: int = rule(at_least=1)
     checkpoints_keep: int = rule(at_least=1)
+    max_bad_steps: int = rule(at_least=1)  # non-finite steps in a row before rolling back to a checkpoint
+    on_nonfinite: Literal["lower_lr", "fp32", "stop"]  # what the rollback retries with
+    devices: int | Auto = rule(at_least=1)  # GPUs to train on (through accelerate); auto: all visible
 
     def problems(self) -> list[str]:
         found = []
@@ -112,6 +116,7 @@ class RenderParams:
     steps: int = rule(at_least=1)
     guidance_scale: float = rule(at_least=0)
     resolution: int | None = rule(at_least=64, at_most=4096, multiple_of=16)  # null: the training resolution
+    checkpoints: list[int] = rule(each_at_least=1)  # steps of intermediate adapters to render as extra rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +184,11 @@ def _across_sections(sections: dict[str, Any]) -> list[str]:
     if data.prior_dir is not None and prompts.prior is None:
         found.append("prompts.prior: required when data.prior_dir is set (got null). Give the class prompt, "
                      "e.g. 'a photo of a dog', or set data.prior_dir: null.")
+    render, train = sections["render"], sections["train"]
+    if any(step % train.checkpoint_every or step >= train.steps for step in render.checkpoints):
+        found.append(f"render.checkpoints: each step must be a multiple of train.checkpoint_every "
+                     f"({train.checkpoint_every}) below train.steps ({train.steps}) (got {render.checkpoints}). "
+                     f"Only those adapters are kept.")
     if prompts.prior is not None and data.prior_dir is None:
         found.append("data.prior_dir: required when prompts.prior is set (got null). Point it at class images, "
                      "or set prompts.prior: null.")
@@ -299,6 +309,8 @@ def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> list[str]:
     if value is None or isinstance(value, str) and value == "auto":
         return []
     found = []
+    if "each_at_least" in checks and any(v < checks["each_at_least"] for v in value):
+        found.append(f"every value must be at least {checks['each_at_least']} (got {value}).")
     if checks.get("non_empty") and len(value) == 0:
         found.append("must not be empty. Give at least one value.")
     if "at_least" in checks and value < checks["at_least"]:

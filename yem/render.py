@@ -20,7 +20,7 @@ ROW_LABEL_WIDTH = 64  # px left of the images: the row's name (base, lora)
 
 def render_validation(model: ModelParams, settings: RenderParams, hardware: dict, embeds_dir: Path,
                       lora_dir: Path, out_dir: Path) -> dict:
-    """Write base/*.png, lora/*.png, grid.png and index.json into `out_dir`; return the index."""
+    """Write base/, step-N/ (render.checkpoints), lora/ PNGs and grid.png into `out_dir`; return the index."""
     backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
     weights = lora_dir / lora_file.WEIGHT_NAME
     resolution = settings.resolution or int(lora_file.read_metadata(weights)["yem.resolution"])
@@ -29,19 +29,23 @@ def render_validation(model: ModelParams, settings: RenderParams, hardware: dict
     conditions = [_condition(embeds_dir, key, embeds["negative"]) for key in embeds["validation"]]
     device.empty_cache(backend)
     pipeline = sd3.load_render_pipeline(model, dtype, backend)
+    adapters = {"base": None, **{f"step {n}": lora_dir / "steps" / f"step-{n:08d}.safetensors"
+                                 for n in settings.checkpoints}, "lora": weights}
     images: dict[str, list[Image.Image]] = {}
-    with progress.bar(2 * len(prompts) * len(settings.seeds), "render", "img") as bar:
-        for row in ("base", "lora"):
-            if row == "lora":
-                pipeline.load_lora_weights(str(weights))
+    with progress.bar(len(adapters) * len(prompts) * len(settings.seeds), "render", "img") as bar:
+        for row, adapter in adapters.items():
+            if adapter is not None:
+                pipeline.unload_lora_weights()
+                pipeline.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
             images[row] = [_render(pipeline, condition, seed, settings, resolution, dtype, bar)
                            for condition in conditions for seed in settings.seeds]
     cells = [{"prompt": prompt, "seed": seed, "file": f"p{p}-s{seed}.png"}
              for p, prompt in enumerate(prompts) for seed in settings.seeds]
     for row, row_images in images.items():
-        (out_dir / row).mkdir(parents=True, exist_ok=True)
+        folder = row.replace(" ", "-")  # "step 50" -> step-50/
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
         for cell, image in zip(cells, row_images):
-            image.save(out_dir / row / cell["file"])
+            image.save(out_dir / folder / cell["file"])
     grid(images, [f"{c['prompt']} · seed {c['seed']}" for c in cells]).save(out_dir / "grid.png")
     return {"rows": list(images), "cells": cells, "grid": "grid.png", "resolution": resolution,
             "steps": settings.steps, "guidance_scale": settings.guidance_scale}

@@ -6,6 +6,7 @@ would have done, whatever happened in between.
 """
 
 import dataclasses
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from yem import cache, checkpoint, device, flow, lora, memory, progress, sd3
+from yem import atomic, cache, checkpoint, device, flow, lora, lora_file, memory, progress, sd3
 from yem.errors import CacheError, TrainingStopped
 from yem.params import ModelParams, TrainParams
 
+SNAPSHOTS = "steps"  # intermediate adapters (one per checkpoint) kept beside the final one, for render.checkpoints
 LOG_EVERY = 10  # steps between reads of the loss from the device (each read waits for the device)
 HELDOUT_SIGMAS = (0.2, 0.4, 0.6, 0.8)
 HELDOUT_SAMPLES = 8
@@ -237,6 +239,9 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                                 mem=f"{log['rows'][-1]['memory_gib']:.1f}G")
                 losses, lrs, window_start, clock = [], [], done, time.perf_counter()
             if save_now and done < settings.steps and main:
+                # adapter first: a kill between the two replays this step and rewrites the same file
+                lora.save(run.transformer, run_dir / SNAPSHOTS / f"step-{done:08d}.safetensors",
+                          provenance(model, settings, latents_dir, embeds_dir, done))
                 checkpoint.save(run_dir, snapshot(run, done, log), settings.checkpoints_keep)
             if stop:
                 raise TrainingStopped(f"train: stopped by {stop[0]} after step {done}/{settings.steps}; checkpoint "
@@ -245,7 +250,11 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
     facts = {"backend": backend, "dtype": hardware["dtype"], "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"]}
     if main:
-        lora.save(run.transformer, out_dir, provenance(model, settings, latents_dir, embeds_dir))
+        with atomic.staged_dir(out_dir) as staging:
+            lora.save(run.transformer, staging / lora_file.WEIGHT_NAME,
+                      provenance(model, settings, latents_dir, embeds_dir, settings.steps))
+            if (run_dir / SNAPSHOTS).is_dir():
+                shutil.copytree(run_dir / SNAPSHOTS, staging / SNAPSHOTS)
         checkpoint.discard(run_dir)
     return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=log["heldout_before"],
                        heldout_after=after, batch_size=run.batch_size, gradient_accumulation=run.accumulation,
@@ -349,11 +358,12 @@ def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: dict, l
                                    "yem": __version__}, inputs + code)
 
 
-def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, embeds_dir: Path) -> dict[str, str]:
+def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, embeds_dir: Path,
+               step: int) -> dict[str, str]:
     from yem import __version__
 
     embeds = cache.read_index(embeds_dir)
     return {"yem.version": __version__, "yem.base_model": model.id, "yem.base_model_revision": model.revision or "",
-            "yem.instance_prompt": embeds.get("instance", ""), "yem.steps": str(settings.steps),
+            "yem.instance_prompt": embeds.get("instance", ""), "yem.steps": str(step),
             "yem.resolution": str(cache.read_index(latents_dir)["resolution"]), "yem.rank": str(settings.rank),
             "yem.alpha": str(settings.alpha)}
