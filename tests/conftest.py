@@ -55,3 +55,26 @@ def make_project(folder: Path) -> Path:
     run(["git", "add", "-A"], folder)
     run(["git", "commit", "-q", "-m", "yem project"], folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def cached_project(tmp_path_factory, tiny_model_dir):
+    """(root, params, hardware): caches for four toy images at 64 px in root/embeds and root/latents, built by
+    the functions the stages call. Train on them with yem.train.run_training(..., root / "latents", ...)."""
+    import dataclasses
+
+    from tests.images import write_toy_dataset
+    from yem.latents import write_latents
+    from yem.params import load_params
+    from yem.preflight import run_preflight
+    from yem.text import write_embeddings
+
+    root = tmp_path_factory.mktemp("cached")
+    write_toy_dataset(root / "instance", 4, size=(80, 64))
+    params = load_params(REPO / "params.yaml")
+    data = dataclasses.replace(params.data, instance_dir="instance", resolution=64, random_flip=True)
+    checked = run_preflight(params.device, data, root)
+    write_embeddings(params.model, params.prompts, params.encode, checked.hardware,
+                     checked.captions["captions"], root / "embeds")
+    write_latents(params.model, data, checked.hardware, checked.images["samples"], root, root / "latents")
+    return root, dataclasses.replace(params, data=data), checked.hardware

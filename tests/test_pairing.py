@@ -4,7 +4,7 @@ order is an exact function of (seed, position)."""
 import torch
 
 from yem import cache
-from yem.train import load_training_set, make_batch, positions
+from yem.trainset import load_training_set, make_batch, positions
 
 
 def write_caches(root, count: int):

@@ -6,28 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.images import write_toy_dataset
 from yem import lora_file
-from yem.latents import write_latents
-from yem.params import load_params
-from yem.preflight import run_preflight
-from yem.text import write_embeddings
 from yem.train import run_training
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    """Caches for four toy images at 64 px, built by the same functions the stages call."""
-    root = tmp_path_factory.mktemp("project")
-    write_toy_dataset(root / "instance", 4, size=(80, 64))
-    params = load_params(REPO / "params.yaml")
-    data = dataclasses.replace(params.data, instance_dir="instance", resolution=64, random_flip=True)
-    checked = run_preflight(params.device, data, root)
-    write_embeddings(params.model, params.prompts, params.encode, checked.hardware,
-                     checked.captions["captions"], root / "embeds")
-    write_latents(params.model, data, checked.hardware, checked.images["samples"], root, root / "latents")
-    return root, params, checked.hardware
+def project(cached_project):
+    return cached_project
 
 
 def train(project, out_name: str, **changes):

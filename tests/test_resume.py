@@ -1,0 +1,254 @@
+"""Nothing lost: interrupted training (signal, kill -9, kill during a checkpoint write) resumes to exactly the
+weights and loss log of an uninterrupted run; damaged checkpoints are skipped; non-finite steps are survived."""
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from yem import checkpoint, lora_file
+from yem.errors import TrainingStopped
+from yem.params import set_values
+from yem.train import run_training
+
+
+def settings(project, **changes):
+    return dataclasses.replace(project[1].train, **{"steps": 12, "checkpoint_every": 4, **changes})
+
+
+def train(project, out: str, **changes):
+    root, params, hardware = project
+    return run_training(params.model, settings(project, **changes), hardware, root / "latents", root / "embeds",
+                        root / out, root)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / lora_file.WEIGHT_NAME))
+
+
+def assert_same_run(a: Path, b: Path, rows_a: list[dict], rows_b: list[dict]) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:2]}"
+    assert [(r["step"], r["loss"], r["lr"]) for r in rows_a] == [(r["step"], r["loss"], r["lr"]) for r in rows_b]
+
+
+@pytest.fixture(scope="module")
+def reference(cached_project):
+    """An uninterrupted 12-step run."""
+    return train(cached_project, "reference")
+
+
+def test_sigint_mid_run_then_rerun_matches_an_uninterrupted_run(cached_project, reference, monkeypatch):
+    import yem.train
+
+    original = yem.train.update
+
+    def update_then_signal(run, step):
+        loss = original(run, step)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came in during step 7
+        return loss
+
+    monkeypatch.setattr(yem.train, "update", update_then_signal)
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after step 7/12.*Rerun `dvc repro`"):
+        train(cached_project, "interrupted")
+    monkeypatch.setattr(yem.train, "update", original)
+    resumed = train(cached_project, "interrupted")
+    assert resumed.resumed_from == 7
+    root = cached_project[0]
+    assert_same_run(root / "reference", root / "interrupted", reference.rows, resumed.rows)
+
+
+CHILD = """
+import sys, time, dataclasses
+sys.path.insert(0, {repo!r})
+from tests.conftest import configure_environment
+import yem.train
+from yem.params import load_params
+slow = yem.train.update
+def update(run, step):  # slower steps, so the parent can catch the run in the middle
+    time.sleep({delay})
+    return slow(run, step)
+yem.train.update = update
+{inject}
+root = __import__("pathlib").Path({root!r})
+params = load_params(root / "params.yaml")
+hardware = __import__("json").loads((root / "hardware.json").read_text())
+yem.train.run_training(params.model, params.train, hardware, root / "latents", root / "embeds", root / {out!r}, root)
+"""
+
+
+def child(project, out: str, steps: int, delay: float, inject: str = "") -> subprocess.Popen:
+    """Train in a separate process with the project's params.yaml (written from `settings`)."""
+    root, params, hardware = project
+    (root / "hardware.json").write_text(json.dumps(hardware))
+    (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    set_values(root / "params.yaml", {"train.steps": steps, "train.checkpoint_every": 4,
+                                      "data.instance_dir": "instance", "data.resolution": 64,
+                                      "data.random_flip": True})
+    code = CHILD.format(repo=str(REPO), root=str(root), out=out, delay=delay, inject=textwrap.dedent(inject))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_checkpoint(root: Path, at_least: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name[5:]) for p in (root / ".yem/checkpoints").glob("*/step-*")]
+        if steps and max(steps) >= at_least:
+            return
+        assert process.poll() is None, f"training ended early:\n{process.stderr.read()}"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_kill_9_then_rerun_matches_an_uninterrupted_run(cached_project, reference):
+    root = cached_project[0]
+    process = child(cached_project, "killed", steps=12, delay=0.15)
+    wait_for_checkpoint(root, 4, process)
+    time.sleep(random.uniform(0, 0.3))  # somewhere in the steps after the checkpoint
+    process.kill()
+    process.wait()
+    resumed = train(cached_project, "killed")
+    assert 4 <= resumed.resumed_from < 12
+    assert_same_run(root / "reference", root / "killed", reference.rows, resumed.rows)
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint(cached_project, reference):
+    """The child dies (SIGKILL) halfway through writing the second checkpoint's optimizer state."""
+    inject = """
+    import os, signal, yem.checkpoint
+    real_save = yem.checkpoint.torch.save
+    def dying_save(obj, path, *a, **k):
+        if "step-00000008" in str(path):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, path, *a, **k)
+    yem.checkpoint.torch.save = dying_save
+    """
+    root = cached_project[0]
+    process = child(cached_project, "killed-in-write", steps=12, delay=0.0, inject=inject)
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    (run_dir,) = (root / ".yem/checkpoints").iterdir()
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000004"]  # no half checkpoint visible
+    assert checkpoint.load_latest(run_dir).step == 4
+    resumed = train(cached_project, "killed-in-write")
+    assert resumed.resumed_from == 4
+    assert_same_run(root / "reference", root / "killed-in-write", reference.rows, resumed.rows)
+    assert not run_dir.exists()  # a finished run discards its checkpoints, temporaries included
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_train_stage_exits_cleanly_and_the_rerun_completes(cached_project, reference, signum):
+    root, out = cached_project[0], f"staged-{signum}"
+    stage = ["-m", "stages.train", "--params", str(root / "params.yaml"), "--hardware", str(root / "hardware.json"),
+             "--latents", str(root / "latents"), "--embeds", str(root / "embeds"), "--out", str(root / out),
+             "--metrics", str(root / "metrics.json"), "--steps-log", str(root / "steps.tsv")]
+    process = child(cached_project, "unused", steps=12, delay=0)  # writes params.yaml + hardware.json only
+    process.kill()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    slow = ("import runpy, sys, time, yem.train as t; u = t.update; "
+            "t.update = lambda run, step: (time.sleep(0.15), u(run, step))[1]; "
+            "sys.argv = ['stages.train', *sys.argv[1:]]; runpy.run_module('stages.train', run_name='__main__')")
+    stage_run = subprocess.Popen([sys.executable, "-c", slow, *stage[2:]], cwd=root, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_checkpoint(root, 4, stage_run)
+    time.sleep(random.uniform(0, 0.4))
+    stage_run.send_signal(signum)
+    _, stderr = stage_run.communicate(timeout=120)
+    assert stage_run.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert f"stopped by {signal.Signals(signum).name}" in stderr and "to resume" in stderr
+    assert not (root / out).exists()  # no output until training is complete
+    finished = subprocess.run([sys.executable, *stage], cwd=root, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert 4 <= metrics["resumed_from_step"] < 12
+    expected = weights(root / "reference")
+    assert {k: torch.equal(v, expected[k]) for k, v in weights(root / out).items()} == {k: True for k in expected}
+
+
+def test_damaged_checkpoints_are_skipped_for_the_previous_good_one(tmp_path):
+    def state(step: int) -> checkpoint.TrainingState:
+        return checkpoint.TrainingState(step=step, adapter={"w": torch.full((3,), float(step))}, optimizer={},
+                                        scheduler={}, log={"step": step}, rng=checkpoint.capture_rng())
+
+    for step in (2, 4, 6, 8):
+        checkpoint.save(tmp_path, state(step), keep=4)
+    (tmp_path / "step-00000008" / "adapter.safetensors").write_bytes(b"not a tensor file")  # corrupt
+    with open(tmp_path / "step-00000006" / "optimizer.pt", "r+b") as f:  # truncated
+        f.truncate(10)
+    (tmp_path / "step-00000004" / checkpoint.MANIFEST).unlink()  # incomplete
+    (tmp_path / ".step-00000010.tmp").mkdir()  # a write that never finished
+    with pytest.warns(UserWarning) as warned:
+        latest = checkpoint.load_latest(tmp_path)
+    assert latest.step == 2 and torch.equal(latest.adapter["w"], torch.full((3,), 2.0))
+    assert len(warned) == 3 and "step-00000008" in str(warned[0].message)
+
+
+def test_checkpoints_keep_only_the_newest(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, checkpoint.TrainingState(step, {"w": torch.zeros(1)}, {}, {}, {}, {}), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def nan_at(monkeypatch, bad_steps):
+    """Make the loss NaN (so every gradient is NaN) at the given steps; `bad_steps(step, calls)` decides."""
+    import yem.train
+
+    update, loss, calls, current = yem.train.update, yem.train.batch_loss, {"n": 0}, {}
+
+    def tracking_update(run, step):
+        current["step"] = step
+        return update(run, step)
+
+    def poisoned_loss(*args, **kwargs):
+        value = loss(*args, **kwargs)
+        if bad_steps(current["step"], calls):
+            calls["n"] += 1
+            return value * float("nan")
+        return value
+
+    monkeypatch.setattr(yem.train, "update", tracking_update)
+    monkeypatch.setattr(yem.train, "batch_loss", poisoned_loss)
+
+
+def test_isolated_nonfinite_steps_are_skipped_and_counted(cached_project, monkeypatch):
+    nan_at(monkeypatch, lambda step, calls: step in (2, 9))
+    result = train(cached_project, "skipped")
+    metrics = result.metrics()
+    assert metrics["nonfinite_steps"] == 2 and metrics["rollbacks"] == 0
+    assert all(torch.isfinite(w).all() for w in weights(cached_project[0] / "skipped").values())
+
+
+def test_a_run_of_nonfinite_steps_rolls_back_with_a_lower_learning_rate(cached_project, monkeypatch):
+    nan_at(monkeypatch, lambda step, calls: step >= 5 and calls["n"] < 3)  # 3 in a row, then healthy
+    result = train(cached_project, "rolled-back")
+    metrics = result.metrics()
+    assert metrics["rollbacks"] == 1 and metrics["learning_rate_scale"] == 0.5
+    assert metrics["nonfinite_steps"] == 3
+    assert [r["step"] for r in result.rows] == list(range(1, 13))  # the rolled-back steps were redone
+    assert result.rows[-1]["lr"] == pytest.approx(0.5 * settings(cached_project).learning_rate)
+
+
+def test_nonfinite_policy_stop_gives_advice_and_saves_nothing(cached_project, monkeypatch):
+    nan_at(monkeypatch, lambda step, calls: step >= 5)
+    with pytest.raises(TrainingStopped, match=r"3 non-finite steps in a row .* Lower train.learning_rate"):
+        train(cached_project, "stopped", on_nonfinite="stop")
+    assert not (cached_project[0] / "stopped").exists()
