@@ -430,3 +430,13 @@ def test_an_untimed_window_neither_counts_as_slow_nor_breaks_a_slow_run():
     actions = run_windows(governor, clock, nominal(WARM + [1.4, None, 1.4, 1.4]))  # None: a checkpoint window
     assert actions == [Action.CONTINUE] * 7 + [Action.PAUSE]
     assert governor.totals.throttled_s == 3 * 60  # the three slow windows only
+
+
+def test_without_the_speed_watch_only_the_sensor_decides():
+    """CPU training on a shared machine: step times from the pipeline log swing 10× with other processes."""
+    clock = FakeClock()
+    governor = Governor("pause", max_pause_s=600, clock=clock, watch_speed=False)
+    noisy = nominal([0.577, 0.705, 1.760, 0.167, 0.549, 0.446, 0.287, 0.198] + [1.7] * 10)
+    assert set(run_windows(governor, clock, noisy)) == {Action.CONTINUE}
+    assert governor.slowdown is None and governor.totals.throttled_s == 0
+    assert run_windows(governor, clock, [(S.SERIOUS, 1.0)]) == [Action.PAUSE]

@@ -9,7 +9,8 @@ Counters can read "nominal" while a Mac's GPU down-clocks, so the `Governor` als
 step time with a warm baseline and treats a sustained slowdown like the "serious" state. Its decisions are a
 pure function of readings, step times and an injected clock. The training loop calls, once per log window:
 
-    sensor, governor = thermal.detect(backend), thermal.Governor(params.thermal.policy, params.thermal.max_pause_s)
+    sensor = thermal.detect(backend)
+    governor = thermal.Governor(params.thermal.policy, params.thermal.max_pause_s, watch_speed=backend != "cpu")
     ...
     action = governor.observe(sensor.read(), seconds_per_step)  # step time without checkpoint saving
     if action is not thermal.Action.CONTINUE:
@@ -25,8 +26,10 @@ pure function of readings, step times and an injected clock. The training loop c
 `governor.totals` (a dataclass of plain numbers) can ride in the checkpoint and be passed back as
 `Governor(..., totals=Totals(**saved))` so a resumed run reports the whole run. Call `governor.rebase()` when the
 work per step changes (an out-of-memory back-off halving the batch), so the old speed is no longer the reference.
-Policy `ignore` still measures everything but always continues. In multi-process training every rank must act
-on the same decision (e.g. rank 0's, broadcast), or the others wait in the next all-reduce.
+Policy `ignore` still measures everything but always continues. Leave the step-time watch off on the CPU, where
+other processes swing the step time far more than heat does (10× between windows on a busy 2-core machine). In
+multi-process training every rank must act on the same decision (e.g. rank 0's, broadcast), or the others wait in
+the next all-reduce.
 """
 
 import ctypes
@@ -347,8 +350,8 @@ class Governor:
     """Turns readings and step times into actions under `thermal.policy`; time comes from `clock`."""
 
     def __init__(self, policy: str, max_pause_s: float, clock: Callable[[], float] = time.monotonic,
-                 totals: Totals | None = None):
-        self.policy, self.max_pause_s, self._clock = policy, max_pause_s, clock
+                 totals: Totals | None = None, watch_speed: bool = True):
+        self.policy, self.max_pause_s, self._clock, self.watch_speed = policy, max_pause_s, clock, watch_speed
         self.totals = totals or Totals()
         self.source = "none"
         self._last = clock()
@@ -369,7 +372,7 @@ class Governor:
         """Account the window that just ended and decide what the loop does next."""
         now = self._clock()
         window_start, self._last = self._last, now
-        sustained = self._track_speed(step_seconds, window_start, now)
+        sustained = self._track_speed(step_seconds, window_start, now) if self.watch_speed else False
         self._note(reading)
         if reading.state >= ThermalState.FAIR or (self.slowdown or 0) >= SLOWDOWN:
             self.totals.throttled_s += now - window_start
