@@ -9,7 +9,8 @@ import pytest
 from yem import power
 
 # `pmset -g batt` as printed by macOS (tab before the percentage; the id varies per machine)
-CHARGING = "Now drawing from 'AC Power'\n -InternalBattery-0 (id=22806627)\t83%; charging; 1:00 remaining present: true\n"
+CHARGING = ("Now drawing from 'AC Power'\n -InternalBattery-0 (id=22806627)\t83%; charging; 1:00 remaining "
+            "present: true\n")
 DISCHARGING = ("Now drawing from 'Battery Power'\n -InternalBattery-0 (id=22806627)\t78%; discharging; 5:05 remaining "
                "present: true\n")
 NO_ESTIMATE = ("Now drawing from 'Battery Power'\n -InternalBattery-0 (id=4653155)\t100%; discharging; (no estimate) "
@@ -50,7 +51,8 @@ def test_on_battery_elsewhere_reads_psutil():
 def test_battery_warning_names_the_charge_only_when_draining():
     warning = power.battery_warning("darwin", pmset=lambda: LOW)
     assert warning.startswith("power: running on battery (9% left).") and "plug in" in warning
-    assert power.battery_warning("linux", battery=battery(55.4, False)).startswith("power: running on battery (55% left)")
+    linux = power.battery_warning("linux", battery=battery(55.4, False))
+    assert linux.startswith("power: running on battery (55% left)")
     assert power.battery_warning("darwin", pmset=lambda: UPS).startswith("power: running on battery. ")
     for source in (CHARGING, DESKTOP, ""):
         assert power.battery_warning("darwin", pmset=lambda: source) is None
