@@ -15,7 +15,8 @@ from yem.errors import TrainingStopped
 from yem.thermal import Action, GpuHeat, Governor, Reading, ThermalState, Totals
 
 S = ThermalState
-H100 = {"shutdown": 95.0, "slowdown": 89.0, "max_operating": 87.0}  # nvmlDeviceGetTemperatureThreshold on an H100
+# nvmlDeviceGetTemperatureThreshold on an H100 (notes) and an H200 (driver 580.159.04): the same values
+H100 = {"shutdown": 95.0, "slowdown": 89.0, "max_operating": 87.0}
 IDLE, SW_POWER_CAP, HW_SLOWDOWN, SW_THERMAL, HW_THERMAL = 0x1, 0x4, 0x8, 0x20, 0x40
 
 
@@ -142,7 +143,8 @@ class FakeNvml:
     def __init__(self, gpus: dict[int, tuple[float, int]], thresholds: dict[int, float] | None = None,
                  fail_init: bool = False):
         self.gpus, self.fail_init = gpus, fail_init
-        self.thresholds = {0: 95, 1: 89, 3: 87} if thresholds is None else thresholds
+        # as measured on an H200: SHUTDOWN, SLOWDOWN, MEM_MAX (memory, not the GPU core), GPU_MAX
+        self.thresholds = {0: 95, 1: 89, 2: 95, 3: 87} if thresholds is None else thresholds
         self.uuids = {f"GPU-{i:04x}": i for i in gpus}
 
     def nvmlInit(self):
@@ -180,6 +182,11 @@ def test_nvml_sensor_reports_the_hottest_visible_gpu():
     got = thermal.NvmlSensor.open(nvml, visible=None).read()
     assert got.state is S.SERIOUS and got.source == "nvml" and got.celsius == 86
     assert "GPU 86 °C (slowdown at 89 °C, shutdown at 95 °C); clocks: HW thermal slowdown" == got.detail
+
+
+def test_nvml_reads_the_gpu_max_threshold_not_the_memory_one():
+    got = thermal.NvmlSensor.open(FakeNvml({0: (87, 0)}), visible=None).read()
+    assert got.state is S.FAIR  # 87 °C is the core's max operating temperature; memory's limit is 95
 
 
 @pytest.mark.parametrize("visible, expected", [("0", S.NOMINAL), ("2,0", S.SERIOUS), ("GPU-0001", S.SERIOUS),
