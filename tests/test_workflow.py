@@ -1,0 +1,127 @@
+"""The Apple Silicon CI workflow cannot run here: check what can be checked without a Mac. It targets the
+self-hosted Apple Silicon runner, runs the README's test command and the pipeline forced onto MPS with a DVC cache
+outside the checkout, uploads the artefacts, and every shell and Python snippet in it parses."""
+
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from ruamel.yaml import YAML
+
+from tests.conftest import REPO
+from yem.params import load_params, set_values
+
+WORKFLOW = YAML(typ="safe").load((REPO / ".github" / "workflows" / "apple-silicon.yml").read_text())
+JOB = WORKFLOW["jobs"]["mps"]
+STEPS = JOB["steps"]
+EXPRESSION = re.compile(r"\$\{\{.*?\}\}")
+
+
+def runs() -> list[str]:
+    return [step["run"] for step in STEPS if "run" in step]
+
+
+def commands(script: str) -> list[list[str]]:
+    """The simple commands of a step's script, split into words (heredoc bodies and comments dropped)."""
+    found, heredoc = [], None
+    for line in script.splitlines():
+        if heredoc:
+            heredoc = None if line.strip() == heredoc else heredoc
+            continue
+        if "<<'" in line:
+            heredoc = line.split("<<'")[1].split("'")[0]
+        words = shlex.split(line.split("<<")[0], comments=True)
+        if words:
+            found.append(words)
+    return found
+
+
+def step_index(predicate) -> int:
+    matches = [i for i, step in enumerate(STEPS) if "run" in step and any(map(predicate, commands(step["run"])))]
+    assert matches, "no step runs the command"
+    return matches[0]
+
+
+def readme_test_command() -> list[str]:
+    """The README's set-up block names the test command (`make test    # ...`)."""
+    readme = (REPO / "README.md").read_text()
+    lines = [line.split("#")[0].split() for line in readme.splitlines() if re.match(r"^make test\b", line)]
+    assert lines, "README.md no longer shows the test command"
+    return lines[0]
+
+
+def test_runs_on_the_self_hosted_apple_silicon_runner_only_for_trusted_code():
+    assert JOB["runs-on"] == ["self-hosted", "macOS", "ARM64"]
+    assert "head.repo.full_name == github.repository" in JOB["if"]  # fork pull requests never reach the Mac
+    assert WORKFLOW["permissions"] == {"contents": "read"}
+    assert {"push", "pull_request", "workflow_dispatch"} <= set(WORKFLOW["on"])
+
+
+def test_has_a_timeout_and_one_run_per_branch_or_pull_request():
+    assert 0 < JOB["timeout-minutes"] <= 120
+    assert all(0 < step.get("timeout-minutes", 1) < JOB["timeout-minutes"] for step in STEPS)
+    assert "github.ref" in WORKFLOW["concurrency"]["group"]
+    assert "pull_request" in WORKFLOW["concurrency"]["cancel-in-progress"]
+
+
+def test_nothing_phones_home():
+    env = {**WORKFLOW.get("env", {}), **JOB.get("env", {})}
+    assert env["DVC_NO_ANALYTICS"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_installs_with_the_makefile_then_runs_the_readme_test_command():
+    makefile = (REPO / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z]+):", makefile, flags=re.M))
+    make_calls = [words for script in runs() for words in commands(script) if words[0] == "make"]
+    assert make_calls and all(words[1] in targets for words in make_calls)
+    command = readme_test_command()
+    tests = step_index(lambda words: words[:len(command)] == command)
+    assert step_index(lambda words: words[:2] == ["make", "install"]) < tests
+
+
+def test_runs_the_pipeline_on_mps_with_a_persistent_dvc_cache():
+    pipeline = step_index(lambda words: words[:3] == ["dvc", "exp", "run"])
+    assert pipeline > step_index(lambda words: words[:2] == ["make", "test"])
+    script = commands(STEPS[pipeline]["run"])
+    run = next(words for words in script if words[:3] == ["dvc", "exp", "run"])
+    assert run[run.index("-S") + 1] == "device.backend=mps"
+    cache = next(words for words in script if words[:4] == ["dvc", "cache", "dir", "--local"])
+    assert cache[4].startswith("$STATE/")  # outside the checkout, which actions/checkout cleans
+    assert script.index(cache) < script.index(run)
+    assert "metrics/train.json" in STEPS[pipeline]["run"] and '"mps"' in STEPS[pipeline]["run"]
+
+
+def test_the_persistent_state_lives_outside_the_checkout():
+    script = next(step["run"] for step in STEPS if "GITHUB_ENV" in step.get("run", ""))
+    assert 'state="${YEM_CI_HOME:-$HOME/.cache/yem-ci}/$RUNNER_NAME"' in script
+    assert "echo \"VENV=$state/" in script and "echo \"YEM_HOME=$state/" in script
+
+
+def test_the_experiment_overrides_are_valid_params(tmp_path):
+    pipeline = next(step["run"] for step in STEPS if "dvc exp run" in step.get("run", ""))
+    run = next(words for words in commands(pipeline) if words[:3] == ["dvc", "exp", "run"])
+    overrides = dict(run[i + 1].split("=", 1) for i, word in enumerate(run) if word == "-S")
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    set_values(params, overrides)  # raises if a key is unknown or a value invalid
+    assert load_params(params).device.backend == "mps"
+
+
+def test_uploads_the_artefacts_with_a_current_upload_artifact():
+    uploads = [step for step in STEPS if step.get("uses", "").startswith("actions/upload-artifact@")]
+    major = [int(step["uses"].split("@v")[1]) for step in uploads]
+    assert uploads and min(major) >= 4  # v3 and older stopped working on github.com
+    results = next(step for step in uploads if "if" not in step)
+    assert {"dist/", "metrics/"} <= set(results["with"]["path"].split())
+    assert results["with"]["if-no-files-found"] == "error"
+    assert [step["uses"] for step in STEPS if "uses" in step][0].startswith("actions/checkout@v")
+
+
+@pytest.mark.parametrize("index", [i for i, step in enumerate(STEPS) if "run" in step])
+def test_every_script_parses(index):
+    script = EXPRESSION.sub("x", STEPS[index]["run"])
+    subprocess.run(["bash", "-n", "-c", script], check=True, capture_output=True)
+    for body in re.findall(r"<<'EOF'\n(.*?)\nEOF", script, flags=re.S):
+        compile(body, f"step {index} heredoc", "exec")
