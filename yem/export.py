@@ -134,7 +134,8 @@ def write(modules: dict[str, Module], metadata: dict[str, str], fmt: str, path: 
 
 def _from_diffusers(tensors: dict[str, np.ndarray], metadata: dict[str, str], path: Path) -> dict[str, Module]:
     parts = _group(tensors, _DIFFUSERS_KEY, path)
-    scale = _config_scale(_adapter_config(metadata)) if lora_file.ADAPTER_METADATA in metadata else None
+    config = lora_file.config_in(metadata)
+    scale = _config_scale(config) if config else None
     modules = {}
     for name, part in parts.items():
         down, up = _pair(part, "lora_A.weight", "lora_B.weight", name, path)
@@ -175,15 +176,10 @@ def _conformed(module: Module, rank: int, scale: float) -> Module:
 
 def _alpha_tensors(tensors: dict[str, np.ndarray], header: dict[str, str]) -> dict[str, np.ndarray]:
     """ComfyUI's `<module>.alpha`: a 0-d float32 per module, the lora_alpha diffusers reads from the header."""
-    config = _adapter_config(header)
+    config = lora_file.config_in(header)
     alpha = np.array(_config_scale(config) * config["r"], dtype=np.float32)
     suffix = ".lora_A.weight"
     return {key[:-len(suffix)] + ".alpha": alpha for key in tensors if key.endswith(suffix)}
-
-
-def _adapter_config(metadata: dict[str, str]) -> dict:
-    config = json.loads(metadata[lora_file.ADAPTER_METADATA])
-    return {key.removeprefix(PREFIX): value for key, value in config.items()}
 
 
 def _config_scale(config: dict) -> float:
@@ -196,7 +192,7 @@ def _config_scale(config: dict) -> float:
 
 def _config_for(metadata: dict[str, str], names: list[str], rank: int, scale: float) -> dict:
     """The source's peft config when it still describes these tensors, else one that does."""
-    source = _adapter_config(metadata) if lora_file.ADAPTER_METADATA in metadata else {}
+    source = lora_file.config_in(metadata)
     targets = source.get("target_modules") or []
     covered = all(any(n == t or n.endswith("." + t) for t in targets) for n in names)
     if source and covered and source["r"] == rank and math.isclose(_config_scale(source), scale, rel_tol=1e-6):

@@ -48,7 +48,14 @@ def add_metadata(path: Path, extra: dict[str, str]) -> None:
 
 def adapter_config(path: Path) -> dict:
     """The peft LoraConfig diffusers stored, with the `transformer.` prefix of its keys removed."""
-    config = json.loads(read_metadata(path)[ADAPTER_METADATA])
+    return config_in(read_metadata(path))
+
+
+def config_in(metadata: dict[str, str]) -> dict:
+    """`adapter_config` from a header already read; {} when it holds none (a file from another trainer)."""
+    if ADAPTER_METADATA not in metadata:
+        return {}
+    config = json.loads(metadata[ADAPTER_METADATA])
     return {key.removeprefix("transformer."): value for key, value in config.items()}
 
 
