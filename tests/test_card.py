@@ -49,7 +49,8 @@ def run(tmp_path_factory, tiny_model_dir, params):
     write_embeddings(params.model, params.prompts, params.encode, hardware, {}, root / "embeds")
     make_lora(tiny_model_dir, root / "lora" / lora_file.WEIGHT_NAME, seed=0)
     make_lora(tiny_model_dir, root / "lora" / "steps" / f"step-{CHECKPOINT:08d}.safetensors", seed=1)
-    index = render_validation(params.model, params.render, hardware, root / "embeds", root / "lora", root / "validation")
+    index = render_validation(params.model, params.render, hardware, root / "embeds", root / "lora",
+                              root / "validation")
     (root / "validation" / "index.json").write_text(json.dumps(index))
     metrics.write_json(root / "train.json", TRAIN_METRICS)
     metrics.write_tsv(root / "steps.tsv", [{"step": i, "loss": 1.0 / i, "lr": 1e-3} for i in range(1, 21)])
@@ -82,7 +83,8 @@ def test_grid_has_a_row_per_adapter_and_a_column_per_prompt_and_seed(run):
             assert np.abs(grid[top:top + GRID_CELL, left:left + GRID_CELL] - expected).max() <= 1, (row, cell)
     first = {row: np.asarray(Image.open(root / "validation" / row.replace(" ", "-") / "p0-s0.png"), dtype=float)
              for row in index["rows"]}
-    assert np.abs(first["base"] - first["lora"]).max() > 1 and np.abs(first[f"step {CHECKPOINT}"] - first["lora"]).max() > 1
+    assert np.abs(first["base"] - first["lora"]).max() > 1, "the LoRA row shows no change"
+    assert np.abs(first[f"step {CHECKPOINT}"] - first["lora"]).max() > 1, "the checkpoint row repeats the final one"
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,8 @@ def test_card_body_shows_images_that_exist_usage_and_training(dist):
     assert 'weight_name="pytorch_lora_weights.safetensors"' in text and "load_lora_weights" in text
     assert "yem-sd3-lora_comfyui.safetensors" in text and "LoraLoaderModelOnly" in text
     assert "| instance images | 3 |" in text and "| class (prior) images | 1 |" in text
-    assert "| rank / alpha | 4 / 8 |" in text and "| steps | 20 |" in text and "| batch × accumulation × devices | 1 × 2 × 1 |" in text
+    assert "| rank / alpha | 4 / 8 |" in text and "| steps | 20 |" in text
+    assert "| batch × accumulation × devices | 1 × 2 × 1 |" in text
     assert "base / step 10 / lora" in text
     for row in ("| device | Test CPU (cpu, float32) |", "| seconds per step (median) | 0.25 |",
                 "| peak memory | 1.5 GiB |", "| wall time | 1 h 02 min |"):

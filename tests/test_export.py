@@ -123,7 +123,7 @@ def swap_scale_shift(weight: np.ndarray) -> np.ndarray:
     return np.concatenate([scale, shift])
 
 
-def comfy_key_map(depth: int) -> dict[str, tuple[str, int | None, bool]]:
+def comfy_key_map(depth: int, mmdit_weights) -> dict[str, tuple[str, int | None, bool]]:
     """LoRA key -> (SAI weight, row block of the fused qkv or None, swap halves), for an SD3 of `depth` blocks."""
     key_map = {}
     for i in range(depth):
@@ -134,7 +134,7 @@ def comfy_key_map(depth: int) -> dict[str, tuple[str, int | None, bool]]:
             key_map[f"transformer.transformer_blocks.{i}.{name}"] = (f"joint_blocks.{i}.{sai}", None, last_context_norm)
     for name, sai in {**COMFY_BASIC, **COMFY_SWAPPED}.items():
         key_map[f"transformer.{name}"] = (sai, None, name in COMFY_SWAPPED)
-    for sai, _, _ in list(key_map.values()):  # lora_unet_ keys come from the MMDiT's own weight names
+    for sai in mmdit_weights:  # lora_unet_ keys come from the MMDiT's own weight names
         key_map["lora_unet_" + sai.replace(".", "_")] = (sai, None, False)
     return key_map
 
@@ -192,13 +192,14 @@ def comfy_view(original, tiny_model_dir):
     depth = config["num_layers"]
     offset = 64 * depth  # ComfyUI's qkv slice size (utils.py); the tiny model keeps hidden = 64 · depth
     assert offset == config["num_attention_heads"] * config["attention_head_dim"]
-    key_map = comfy_key_map(depth)
+    patch_out = config["patch_size"] ** 2 * config["out_channels"]
+    mmdit_rows = comfy_mmdit_rows(depth, patch_out)
+    key_map = comfy_key_map(depth, mmdit_rows)
     patches = {}
     for name, delta in peft_deltas(original).items():
         sai, slot, swap = key_map[f"transformer.{name}"]
         patches.setdefault(sai, []).append((slot, swap_scale_shift(delta) if swap else delta))
-    patch_out = config["patch_size"] ** 2 * config["out_channels"]
-    return key_map, offset, comfy_mmdit_rows(depth, patch_out), sai_deltas(patches, offset)
+    return key_map, offset, mmdit_rows, sai_deltas(patches, offset)
 
 
 @pytest.mark.parametrize("fmt", ["comfyui", "kohya"])
@@ -209,6 +210,7 @@ def test_comfyui_consumes_every_key_and_patches_the_same_weights(exported, comfy
     got = sai_deltas(patches, offset)
     assert sorted(got) == sorted(expected)
     for sai in expected:
+        assert sai in mmdit_rows, f"{sai}: not a weight of ComfyUI's MMDiT, it would log 'NOT LOADED'"
         assert got[sai].shape[0] == mmdit_rows[sai], f"{sai}: ComfyUI would log 'ERROR lora' (shape)"
         np.testing.assert_allclose(got[sai], expected[sai], rtol=1e-6, atol=1e-9, err_msg=sai)
 
@@ -311,7 +313,8 @@ def test_yem_export_command_converts_a_trained_lora_and_back(original, tmp_path)
     kohya = tmp_path / "lora_kohya.safetensors"
     assert all(key.startswith("lora_unet_") for key in lora_file.read_tensors(kohya))
     back = tmp_path / "back" / lora_file.WEIGHT_NAME
-    assert runner.invoke(cli, ["export", "--format", "diffusers", "--lora", str(kohya), "--out", str(back)]).exit_code == 0
+    result = runner.invoke(cli, ["export", "--format", "diffusers", "--lora", str(kohya), "--out", str(back)])
+    assert result.exit_code == 0, result.output
     assert lora_file.adapter_config(back) == lora_file.adapter_config(original)
     missing = runner.invoke(cli, ["export", "--format", "comfyui", "--lora", str(tmp_path / "nope"), "--out",
                                   str(tmp_path)])
