@@ -29,7 +29,8 @@ def repro(folder) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_model_dir):
     folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
-    set_values(folder / "params.yaml", {"render.steps": 2, "render.seeds": [0], "train.checkpoint_every": 10})
+    set_values(folder / "params.yaml", {"render.steps": 2, "render.seeds": [0], "train.checkpoint_every": 10,
+                                        "export.formats": ["diffusers", "comfyui", "kohya"]})
     result = run([sys.executable, "-m", "yem", "train", "--model", "tiny", "--data", "data/instance", "--prompt",
                   PROMPT, "--resolution", "64", "--batch-size", "auto", "--steps", "30", "--validation-prompt",
                   "a sks dog on the moon", "--output", "result"], folder)
@@ -52,11 +53,12 @@ def test_one_liner_produces_every_artefact(project):
     for folder in (project / "dist", project / "result"):
         card = ModelCard.load(folder / "README.md")
         assert card.data.instance_prompt == PROMPT and "tiny" in card.text
-        assert (folder / "pytorch_lora_weights.safetensors").exists()
+        for name in ("pytorch_lora_weights", "yem-sd3-lora_comfyui", "yem-sd3-lora_kohya"):
+            assert (folder / f"{name}.safetensors").exists(), name
         assert (folder / "images/lora/p0-s0.png").exists() and (folder / "images/grid.png").exists()
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project).stdout)
     (workspace,) = shown.values()  # keyed "" or "workspace" depending on the DVC version
-    assert workspace["data"]["metrics/train.json"]["data"]["steps"] == 30
+    assert workspace["data"]["metrics/train.json"]["data"] == metrics
 
 
 def test_second_repro_runs_nothing_but_the_probe(project):

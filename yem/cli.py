@@ -96,3 +96,41 @@ def _repro(project: Path) -> None:
     if result.returncode != 0:
         raise YemError(f"dvc repro failed (exit {result.returncode}); the stage's message is above. Fix it and "
                        f"rerun the same command: finished stages are not repeated.")
+
+
+@main.command("export")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "comfyui", "kohya"]), required=True,
+              help="diffusers: load_lora_weights; comfyui: + .alpha tensors; kohya: sd-scripts layout")
+@click.option("--lora", "source", type=click.Path(path_type=Path), required=True,
+              help="a LoRA file (any of the three layouts) or the folder holding it, e.g. dist or build/lora")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="the .safetensors file to write, or a folder to write it into")
+def export_lora(fmt: str, source: Path, out: Path) -> None:
+    """Convert a LoRA trained earlier into another tool's layout; its provenance metadata is kept."""
+    from yem import export, lora_file
+
+    try:
+        source = lora_file.resolve(source)
+        target = out if out.suffix == ".safetensors" else out / export.file_name(fmt, export.lora_name(source))
+        if target.resolve() == source.resolve():
+            raise YemError(f"--out: is the source file itself (got {out}). Write to another file or folder.")
+        export.convert(source, fmt, target)
+    except YemError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{fmt} LoRA written to {target}", err=True)
+
+
+@main.command()
+@click.option("--repo-id", required=True, help="the Hub model repo, <user or org>/<name> (created if missing)")
+@click.option("--private", is_flag=True, help="create the repo as private")
+@click.option("--dist", type=click.Path(path_type=Path), default="dist", show_default=True,
+              help="the folder the card stage wrote")
+def push(repo_id: str, private: bool, dist: Path) -> None:
+    """Upload dist/ (LoRA files, images, model card) to the Hugging Face Hub; needs a token that can write."""
+    from yem.card import push as push_to_hub
+
+    try:
+        url = push_to_hub(dist, repo_id, private)
+    except YemError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"uploaded {dist} to {url}", err=True)

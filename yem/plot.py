@@ -1,15 +1,23 @@
 """A loss curve as a PNG for the model card, drawn with Pillow (no plotting library needed)."""
 
+import math
+
 from PIL import Image, ImageDraw, ImageFont
 
 WIDTH, HEIGHT, MARGIN = 720, 360, 56
 
 
-def loss_curve(steps: list[float], losses: list[float], title: str = "training loss") -> Image.Image:
-    """Raw per-step loss in light grey, its exponential moving average in blue, on linear axes."""
+def loss_curve(steps: list[float], losses: list[float | None], title: str = "training loss") -> Image.Image:
+    """Raw per-step loss in light grey, its exponential moving average in blue, on linear axes. Steps whose loss
+    was not finite (skipped by training) are left out."""
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
+    finite = [(step, loss) for step, loss in zip(steps, losses) if loss is not None and math.isfinite(loss)]
+    if not finite:
+        draw.text((MARGIN, HEIGHT // 2), f"{title}: no finite loss recorded", fill="black", font=font)
+        return image
+    steps, losses = [s for s, _ in finite], [v for _, v in finite]
     low, high = min(losses), max(losses)
     high = high if high > low else low + 1e-9
     first, last = steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1
