@@ -128,9 +128,14 @@ def _cmyk_jpeg(path):
 
 
 def _gray16(path):
-    # 200 is near black in 16 bits: a "max ≤ 255 means 8-bit" guess would make it bright grey
     pixels = np.array([[0, 200, 32768, 65535]], dtype=np.uint16)
     return corpus.png_from_array(path, pixels, corpus.GRAY), [(0, 0, 0), (1, 1, 1), (128, 128, 128), (255, 255, 255)]
+
+
+def _dark_gray16(path):
+    # all values ≤ 255, which is near black in 16 bits: guessing "8-bit values" from them would make it bright
+    pixels = np.array([[0, 100, 200, 255]], dtype=np.uint16)
+    return corpus.png_from_array(path, pixels, corpus.GRAY), [(0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1)]
 
 
 def _rgb48(path):
@@ -188,7 +193,8 @@ def _bilevel(path):
 
 
 @pytest.mark.parametrize("build, name, tolerance", [
-    (_cmyk_tiff, "cmyk.tif", 0), (_cmyk_jpeg, "cmyk.jpg", 4), (_gray16, "gray16.png", 0), (_rgb48, "rgb48.png", 1),
+    (_cmyk_tiff, "cmyk.tif", 0), (_cmyk_jpeg, "cmyk.jpg", 4), (_gray16, "gray16.png", 0),
+    (_dark_gray16, "dark-gray16.png", 0), (_rgb48, "rgb48.png", 1),
     (_rgba64, "rgba64.png", 1), (_palette_opaque, "palette.png", 0), (_palette_transparent, "palette-trns.png", 1),
     (_rgba, "rgba.png", 1), (_gray_alpha, "la.png", 0), (_gray, "gray.png", 0), (_bilevel, "bilevel.png", 0)])
 def test_every_colour_mode_becomes_the_right_8_bit_rgb(tmp_path, build, name, tolerance):
