@@ -4,7 +4,6 @@ that refuses its input exits 1 without a traceback and leaves what it produced b
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import unicodedata
@@ -218,7 +217,8 @@ def test_exif_orientation_is_applied(tmp_path, orientation, red_corner):
         image = data.open_image(path, min_side)
         assert image.size == (stored[::-1] if portrait else stored)
         w, h = image.size
-        corners = {"top-left": (1, 1), "top-right": (w - 2, 1), "bottom-left": (1, h - 2), "bottom-right": (w - 2, h - 2)}
+        corners = {"top-left": (1, 1), "top-right": (w - 2, 1), "bottom-left": (1, h - 2),
+                   "bottom-right": (w - 2, h - 2)}
         for corner, xy in corners.items():
             red, _, blue = image.getpixel(xy)
             assert (red > 180 and blue < 90) if corner == red_corner else (red < 90 and blue > 180), (corner, xy)
@@ -314,8 +314,9 @@ def test_two_images_with_the_same_name_are_refused(tmp_path, names):
     first, second = sorted(folder / name for name in names)
     with pytest.raises(DataError) as caught:
         data.discover(folder, "instance", "data.instance_dir")
-    assert str(caught.value) == (f"{second}: same name as {first} (got {second.stem!r} twice, ignoring case and "
-                                 f"accents), so their captions and caches would collide. Rename one of them.")
+    assert str(caught.value) == (f"{second}: same name as {first} (got {second.stem!r} twice, ignoring letter case and "
+                                 f"how accents are encoded), so their captions and caches would collide. Rename one "
+                                 f"of them.")
 
 
 def test_names_with_spaces_and_non_ascii_survive_into_the_manifests(tmp_path):
@@ -354,7 +355,8 @@ def test_symlinks_to_files_are_followed_and_broken_ones_named(tmp_path):
     (folder / "loop.png").symlink_to("loop.png")
     lines = survey_error(folder).splitlines()
     assert lines[1:] == [f"  {folder / 'dangling.jpg'}: broken link (to {tmp_path / 'deleted.jpg'}). Fix the link or "
-                         f"remove it.", f"  {folder / 'loop.png'}: broken link (to loop.png). Fix the link or remove it."]
+                         f"remove it.",
+                         f"  {folder / 'loop.png'}: broken link (to loop.png). Fix the link or remove it."]
 
 
 # --- captions --------------------------------------------------------------------------------------------------
@@ -469,4 +471,3 @@ def test_the_latents_stage_keeps_its_previous_cache_when_an_image_changed_under_
     assert snapshot(project / "build") == before
     assert sorted(p.name for p in (project / "build").iterdir()) == ["captions.json", "images.json", "latents",
                                                                      "preflight.json"]  # no staging left behind
-    shutil.rmtree(project)

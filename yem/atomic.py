@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from yem.errors import WriteError
+from yem.errors import WriteError, YemError
 
 # errno -> (what is wrong, what to do)
 DISK_PROBLEMS = {
@@ -109,13 +109,22 @@ def _explained(target: Path, errnos: set[int]) -> Iterator[None]:
     """Turn a full disk or a read-only folder (errno in `errnos`) into a WriteError naming `target`."""
     try:
         yield
+    except YemError as e:
+        if not isinstance(e, WriteError):
+            raise  # already says what is wrong (a bad image met while building a cache, say)
+        _raise_for(target, errnos, e.__cause__)  # a file inside a staged folder failed: name the folder
+        raise
     except Exception as e:
-        cause = e.__cause__ if isinstance(e, WriteError) else e  # a file inside a staged folder: name the folder
-        code = _disk_errno(cause)
-        if code not in errnos:
-            raise
+        _raise_for(target, errnos, e)
+        raise
+
+
+def _raise_for(target: Path, errnos: set[int], error: BaseException | None) -> None:
+    """Raise the WriteError for `target` when `error` is a disk problem listed in `errnos`."""
+    code = _disk_errno(error) or (errno.ENOSPC if _nearly_full(target.parent) else None)
+    if code in errnos:
         what, todo = DISK_PROBLEMS[code]
-        raise WriteError(f"{target}: cannot write it ({what}); any previous version is unchanged. {todo}.") from cause
+        raise WriteError(f"{target}: cannot write it ({what}); any previous version is unchanged. {todo}.") from error
 
 
 def _disk_errno(error: BaseException | None) -> int | None:
@@ -126,6 +135,15 @@ def _disk_errno(error: BaseException | None) -> int | None:
         return error.errno
     found = RUST_IO_ERROR.search(str(error))
     return int(found.group(1)) if found else None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the disk holding `folder` has under 1 MiB left. Some writers lose the errno of a full disk
+    (torch.save: "unexpected pos 576 vs 534"); their half-written temporary still fills it when this runs."""
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _prefix(target: Path) -> str:

@@ -85,8 +85,8 @@ def discover(folder: Path, kind: Kind, params_key: str) -> Discovery:
             problems.append(str(e))
             continue
         notes += [skipped] if skipped else []
-    notes += [f"{_shown(p)}: caption with no image named {p.stem}.*; ignored." for key, p in captions.items()
-              if key not in seen]
+    notes += [f"{_shown(p)}: caption with no image named {_shown(Path(p.stem))}.*; ignored."
+              for key, p in captions.items() if key not in seen]
     if problems:
         raise several(problems)
     if not samples:
@@ -138,8 +138,8 @@ def _sample(path: Path, kind: Kind, caption_file: Path | None, seen: dict[str, P
     """The sample for image `path` (registered in `seen`) and a note about its caption, if any."""
     key = _name_key(path.stem)
     if key in seen:
-        raise DataError(f"{path}: same name as {seen[key]} (got {path.stem!r} twice, ignoring case and accents), so "
-                        f"their captions and caches would collide. Rename one of them.")
+        raise DataError(f"{path}: same name as {seen[key]} (got {path.stem!r} twice, ignoring letter case and how "
+                        f"accents are encoded), so their captions and caches would collide. Rename one of them.")
     seen[key] = path
     caption, note = read_caption(caption_file, "prompts.instance" if kind == "instance" else "prompts.prior")
     sample_id = f"{kind}/{unicodedata.normalize('NFC', path.stem)}"
