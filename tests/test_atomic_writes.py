@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from tests.conftest import REPO
 from tests.corpus import preflight_in_process, small_project, snapshot
 from yem import atomic, cache
-from yem.errors import DataError, WriteError
+from yem.errors import CacheError, DataError, WriteError
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -60,6 +60,19 @@ def test_a_full_disk_while_caching_tensors(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=f"^{target}: cannot write it \\(no space left on the disk\\)"):
         cache.write_tensors(target, {"mean": torch.zeros(4)})
     assert target.read_bytes() == before and files(target.parent) == ["dog.safetensors"]
+
+
+def test_cache_files_cut_short_by_a_crash_elsewhere_are_refused_by_name(tmp_path):
+    """A file copied or written by something other than yem can still be partial: reading it says so."""
+    tensors, index = tmp_path / "dog.safetensors", tmp_path / "index.json"
+    cache.write_tensors(tensors, {"mean": torch.ones(64)})
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(CacheError, match=f"^{tensors}: unreadable cache file .*Rebuild it: dvc repro -f <stage>.$"):
+        cache.read_tensors(tensors)
+    for garbage in (b'{"samples": {"a"', b"\xff\xfe\x00garbage"):
+        index.write_bytes(garbage)
+        with pytest.raises(CacheError, match=f"^{index}: corrupt .*Rebuild it: dvc repro -f.$"):
+            cache.read_index(tmp_path)
 
 
 def test_a_full_disk_while_building_a_folder_keeps_the_old_folder(tmp_path):

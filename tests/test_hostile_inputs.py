@@ -78,8 +78,9 @@ def test_files_that_are_not_images_are_skipped_with_a_note(tmp_path):
     assert sorted(found.notes) == sorted([
         f"{folder / 'readme.md'}: skipped, not an image (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp).",
         f"{folder / 'IMG_0002.heic'}: skipped, HEIC cannot be read. Export it as JPEG or PNG to use it.",
-        f"{folder / 'more'}: skipped, a folder (images in subfolders are not used).",
-        f"{folder / 'orphan.txt'}: caption with no image named orphan.*; ignored.",
+        f"{folder / 'more'}: skipped, a folder (images in subfolders are not used). Move them up to use them.",
+        f"{folder / 'orphan.txt'}: caption with no image named orphan.*; ignored. Rename it after its image, or "
+        f"remove it.",
     ])
 
 
@@ -349,7 +350,8 @@ def test_symlinks_to_files_are_followed_and_broken_ones_named(tmp_path):
     (folder / "notes").symlink_to(tmp_path / "gone")
     found = data.discover(folder, "instance", "data.instance_dir")
     assert [(s.id, s.path) for s in found.samples] == [("instance/linked", folder / "linked.png")]
-    assert sorted(found.notes) == [f"{folder / 'album'}: skipped, a folder (images in subfolders are not used).",
+    assert sorted(found.notes) == [f"{folder / 'album'}: skipped, a folder (images in subfolders are not used). "
+                                   f"Move them up to use them.",
                                    f"{folder / 'notes'}: broken link (to {tmp_path / 'gone'}); skipped."]
     (folder / "dangling.jpg").symlink_to(tmp_path / "deleted.jpg")
     (folder / "loop.png").symlink_to("loop.png")

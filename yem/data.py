@@ -85,8 +85,8 @@ def discover(folder: Path, kind: Kind, params_key: str) -> Discovery:
             problems.append(str(e))
             continue
         notes += [skipped] if skipped else []
-    notes += [f"{_shown(p)}: caption with no image named {_shown(Path(p.stem))}.*; ignored."
-              for key, p in captions.items() if key not in seen]
+    notes += [f"{_shown(p)}: caption with no image named {_shown(Path(p.stem))}.*; ignored. Rename it after its "
+              f"image, or remove it." for key, p in captions.items() if key not in seen]
     if problems:
         raise several(problems)
     if not samples:
@@ -122,7 +122,7 @@ def _skip_note(path: Path) -> str | None:
             raise DataError(f"{where}. Fix the link or remove it.")
         return f"{where}; skipped."
     if path.is_dir():
-        return f"{_shown(path)}: skipped, a folder (images in subfolders are not used)."
+        return f"{_shown(path)}: skipped, a folder (images in subfolders are not used). Move them up to use them."
     if suffix in CONVERT_HINTS:
         return f"{_shown(path)}: skipped, {CONVERT_HINTS[suffix]} cannot be read. Export it as JPEG or PNG to use it."
     if suffix not in IMAGE_SUFFIXES:
