@@ -72,12 +72,12 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
                    dtype: torch.dtype, on_progress: Callable[[int], None] = lambda n: None
                    ) -> tuple[torch.Tensor, torch.Tensor, list[Truncation]]:
     """Encode `texts`; returns joint (N, 77 + T, D), pooled (N, P) in fp32 on the CPU, and what was truncated."""
-    notes: list[Truncation] = []
+    cuts: list[Truncation] = []
     clip_seqs, pooled = [], []
     for which in ("clip_l", "clip_g"):
         tokenizer, encoder = sd3.load_text_encoder(model, which, dtype, backend)
         seq, pool = _run_chunks(lambda chunk: _clip(tokenizer, encoder, chunk, backend), texts, on_progress)
-        notes += _truncations(tokenizer, texts, tokenizer.model_max_length, which)
+        cuts += _truncations(tokenizer, texts, tokenizer.model_max_length, which)
         clip_seqs.append(seq)
         pooled.append(pool)
         del tokenizer, encoder
@@ -86,7 +86,7 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
         tokenizer, encoder = sd3.load_text_encoder(model, "t5", dtype, backend)
         (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length, backend),
                             texts, on_progress)
-        notes += _truncations(tokenizer, texts, settings.max_sequence_length, "t5")
+        cuts += _truncations(tokenizer, texts, settings.max_sequence_length, "t5")
         del tokenizer, encoder
         device.empty_cache(backend)
     else:
@@ -94,7 +94,7 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
         t5 = torch.zeros(len(texts), settings.max_sequence_length, width)  # SD3's T5-free conditioning
     clip = torch.cat(clip_seqs, dim=-1)  # (N, 77, W_L + W_G)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (N, 77, D)
-    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), notes
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), cuts
 
 
 def _run_chunks(encode: Callable, texts: list[str], on_progress: Callable[[int], None]):
@@ -121,7 +121,8 @@ def _t5(tokenizer, encoder, texts: list[str], length: int, backend: str) -> tupl
 
 
 def _truncations(tokenizer, texts: list[str], limit: int, which: str) -> list[Truncation]:
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False).input_ids]
+    # verbose=False: transformers would warn of "indexing errors" for what we truncate on purpose
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False).input_ids]
     return [Truncation(text, which, limit, n) for text, n in zip(texts, lengths) if n > limit]
 
 
