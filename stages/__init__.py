@@ -25,7 +25,19 @@ def reported() -> Iterator[None]:
         raise click.ClickException(str(e)) from None
 
 
+def _one_line_for_yem_errors(kind, error, traceback) -> None:
+    """The same for a YemError raised outside `reported()` (writing an output after it, say): Python exits 1."""
+    if isinstance(error, YemError):
+        click.echo(f"Error: {error}", err=True)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
+sys.excepthook = _one_line_for_yem_errors
+
+
 def show_notes(notes: list[str]) -> None:
+    """Warnings that do not stop the stage (skipped files, upscaled images, truncated captions), one line each."""
     for note in notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"warning: {note}", err=True)
     sys.stderr.flush()

@@ -20,8 +20,9 @@ PathOption = click.Path(path_type=Path)
 def main(params_path: Path, hardware: Path, captions: Path, out: Path) -> None:
     with reported():
         params = load_params(params_path)
+        manifest = json.loads(captions.read_text())
         notes = write_embeddings(params.model, params.prompts, params.encode, json.loads(hardware.read_text()),
-                                 json.loads(captions.read_text())["captions"], out)
+                                 manifest["captions"], out, manifest.get("files", {}))
     show_notes(notes)
 
 

@@ -52,5 +52,5 @@ def read_index(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheError(f"{path}: missing. Run the stage that writes {folder} first: dvc repro.") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path}: corrupt ({e}). Rebuild it: dvc repro -f.") from None

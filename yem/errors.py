@@ -26,6 +26,10 @@ class CacheError(YemError):
     """A cached tensor file is missing, stale or unreadable."""
 
 
+class WriteError(YemError):
+    """An output cannot be written (full disk, read-only folder); the previous version is kept."""
+
+
 class HardwareError(YemError):
     """The device cannot run the requested work (memory, precision, backend)."""
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from yem import cache, data, progress, sd3
+from yem import atomic, cache, data, progress, sd3
 from yem.errors import DataError
 from yem.params import DataParams, ModelParams
 
@@ -33,27 +33,34 @@ def encode(vae, image: Image.Image, backend: str) -> tuple[torch.Tensor, torch.T
 
 def write_latents(model: ModelParams, settings: DataParams, hardware: dict, images: dict, root: Path,
                   out_dir: Path) -> list[str]:
-    """Encode each image of the manifest (checked against its hash) into `out_dir/<id>.safetensors`."""
+    """Encode each image of the manifest (checked against its hash) into `out_dir/<id>.safetensors`.
+
+    The folder is built beside `out_dir` and replaces it only when complete: a bad image, a full disk or an
+    interruption leaves the previous latents as they were.
+    """
     vae = sd3.load_vae(model, hardware["backend"])
     index, notes = {}, []
-    with progress.bar(total=len(images), desc="latents", unit="img") as bar:
+    with atomic.staged_dir(out_dir) as staging, progress.bar(total=len(images), desc="latents", unit="img") as bar:
         for sample_id, entry in images.items():
-            path = root / entry["path"]
-            if data.file_sha256(path) != entry["sha256"]:
-                raise DataError(f"{path}: changed after preflight checked it. Rerun: dvc repro.")
-            image = data.open_image(path)
-            note = data.check_size(image, settings.resolution, settings.small_images, path)
+            image, note = _training_image(root / entry["path"], entry["sha256"], sample_id, settings)
             notes += [note] if note else []
-            image = data.square_crop(image, settings.resolution, settings.center_crop, data.crop_rng(sample_id))
-            mean, std = encode(vae, image, hardware["backend"])
-            tensors = {"mean": mean, "std": std}
+            tensors = dict(zip(("mean", "std"), encode(vae, image, hardware["backend"])))
             if settings.random_flip:
                 tensors["flip_mean"], tensors["flip_std"] = encode(
                     vae, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), hardware["backend"])
             file = f"{sample_id}.safetensors"
-            cache.write_tensors(out_dir / file, tensors, {"id": sample_id, "source": entry["sha256"]})
+            cache.write_tensors(staging / file, tensors, {"id": sample_id, "source": entry["sha256"]})
             index[sample_id] = file
             bar.update()
-    cache.write_index(out_dir, {"samples": index, "resolution": settings.resolution,
-                                "flip": settings.random_flip})
+        cache.write_index(staging, {"samples": index, "resolution": settings.resolution,
+                                    "flip": settings.random_flip})
     return notes
+
+
+def _training_image(path: Path, sha256: str, sample_id: str, settings: DataParams) -> tuple[Image.Image, str | None]:
+    """The square crop the VAE encodes, after checking the file is the one preflight checked."""
+    if data.file_sha256(path) != sha256:
+        raise DataError(f"{path}: changed after preflight checked it. Rerun: dvc repro.")
+    image = data.open_image(path, settings.resolution)
+    note = data.check_size(image, settings.resolution, settings.small_images, path)
+    return data.square_crop(image, settings.resolution, settings.center_crop, data.crop_rng(sample_id)), note

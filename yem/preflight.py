@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from yem import data, device
+from yem.errors import DataError
 from yem.params import DataParams, DeviceParams
 
 
@@ -29,10 +30,9 @@ def run_preflight(device_settings: DeviceParams, data_settings: DataParams, root
     hardware = probe_hardware(device_settings)
     samples, notes = survey(data_settings, root)
     images = {s.id: {"path": _portable(s.path, root), "sha256": data.file_sha256(s.path)} for s in samples}
-    captions = {s.id: s.caption for s in samples}
     log = {"device_name": device.device_name(hardware["backend"]), "platform": platform.platform(),
            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes}
-    return Preflight(hardware=hardware, images={"samples": images}, captions={"captions": captions},
+    return Preflight(hardware=hardware, images={"samples": images}, captions=caption_manifest(samples, root),
                      notes=notes, log=log)
 
 
@@ -43,17 +43,32 @@ def probe_hardware(params: DeviceParams) -> dict:
 
 
 def survey(settings: DataParams, root: Path) -> tuple[list[data.Sample], list[str]]:
-    """Find every image (instance and prior), decode each once to reject broken files before any model loads."""
+    """Find every image (instance and prior) and decode each once, so broken files are rejected before any model
+    loads; every unusable file is reported at once, one line each."""
     found = data.discover(_resolve(root, settings.instance_dir), "instance", "data.instance_dir")
     samples, notes = list(found.samples), list(found.notes)
     if settings.prior_dir is not None:
         prior = data.discover(_resolve(root, settings.prior_dir), "prior", "data.prior_dir")
         samples += prior.samples
         notes += prior.notes
+    problems = []
     for sample in samples:
-        note = data.check_size(data.open_image(sample.path), settings.resolution, settings.small_images, sample.path)
+        try:
+            image = data.open_image(sample.path, settings.resolution)
+            note = data.check_size(image, settings.resolution, settings.small_images, sample.path)
+        except DataError as e:
+            problems.append(str(e))
+            continue
         notes += [note] if note else []
+    if problems:
+        raise data.several(problems)
     return samples, notes
+
+
+def caption_manifest(samples: list[data.Sample], root: Path) -> dict:
+    """-> build/captions.json: the text per sample id, and the file each caption came from (encode names it)."""
+    return {"captions": {s.id: s.caption for s in samples},
+            "files": {s.id: _portable(s.caption_file, root) for s in samples if s.caption_file is not None}}
 
 
 def _resolve(root: Path, path: str) -> Path:

@@ -39,7 +39,7 @@ def model_source(model: ModelParams) -> tuple[str, dict[str, Any]]:
     if model.id == "tiny":
         return str(ensure_tiny_model()), {"local_files_only": True}
     folder = Path(model.id).expanduser()
-    if folder.exists() or model.id.startswith((".", "/", "~")):
+    if folder.exists() or model.id.startswith((".", "/", "~")) or not _is_hub_id(model.id):
         _check_pipeline_folder(folder, model.id)
         return str(folder), {"local_files_only": True}
     return model.id, {"revision": model.revision}
@@ -49,7 +49,7 @@ def transformer_config(model: ModelParams) -> dict:
     from diffusers import SD3Transformer2DModel
 
     source, kwargs = model_source(model)
-    with _explained(model):
+    with _explained(model, "transformer"):
         return dict(SD3Transformer2DModel.load_config(source, subfolder="transformer", **kwargs))
 
 
@@ -60,7 +60,7 @@ def load_text_encoder(model: ModelParams, which: TextEncoder, dtype, device) -> 
     encoder_folder, tokenizer_folder = TEXT_SUBFOLDERS[which]
     cls = T5EncoderModel if which == "t5" else CLIPTextModelWithProjection
     source, kwargs = model_source(model)
-    with _explained(model):
+    with _explained(model, f"{encoder_folder} and {tokenizer_folder}"):
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder=tokenizer_folder, **kwargs)
         encoder = cls.from_pretrained(source, subfolder=encoder_folder, dtype=dtype, **kwargs)
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
@@ -72,7 +72,7 @@ def load_vae(model: ModelParams, device):
     from diffusers import AutoencoderKL
 
     source, kwargs = model_source(model)
-    with _explained(model):
+    with _explained(model, "vae"):
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **_dtype_kwarg(torch.float32), **kwargs)
     return vae.to(device).eval().requires_grad_(False)
 
@@ -81,7 +81,7 @@ def load_transformer(model: ModelParams, dtype, device):
     from diffusers import SD3Transformer2DModel
 
     source, kwargs = model_source(model)
-    with _explained(model):
+    with _explained(model, "transformer"):
         transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", **_dtype_kwarg(dtype),
                                                             **kwargs)
     return transformer.to(device).requires_grad_(False)
@@ -92,7 +92,7 @@ def load_training_scheduler(model: ModelParams):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     source, kwargs = model_source(model)
-    with _explained(model):
+    with _explained(model, "scheduler"):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
 
 
@@ -103,51 +103,90 @@ def load_render_pipeline(model: ModelParams, dtype, device):
     source, kwargs = model_source(model)
     no_text = {name: None for pair in TEXT_SUBFOLDERS.values() for name in pair}
     _quiet_diffusers()
-    with _explained(model):
+    with _explained(model, "pipeline"):
         pipeline = StableDiffusion3Pipeline.from_pretrained(source, **_dtype_kwarg(dtype), **no_text, **kwargs)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
 
+def _is_hub_id(text: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _check_pipeline_folder(folder: Path, given: str) -> None:
-    index = folder / "model_index.json"
+    """Refuse, before any weights load, a folder that is missing or is not an SD3 diffusers pipeline."""
     if not folder.is_dir():
-        raise ModelError(f"model.id: folder {given} does not exist. Fix the path, or use a hub id such as "
-                         f"stabilityai/stable-diffusion-3-medium-diffusers.")
+        raise ModelError(f"model.id: folder {given} does not exist (nor is it a Hub id like namespace/name). Fix "
+                         f"the path, or use a hub id such as stabilityai/stable-diffusion-3-medium-diffusers.")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"model.id: {given} is not a diffusers pipeline folder (got no model_index.json in it). "
+                         f"Point it at a folder saved by StableDiffusion3Pipeline, e.g. `hf download "
+                         f"stabilityai/stable-diffusion-3-medium-diffusers --local-dir <folder>`.")
     try:
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, json.JSONDecodeError):
-        class_name = None
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ModelError(f"model.id: {index} is unreadable or not a JSON object (got {' '.join(str(e).split())}). "
+                         f"Download the model again.") from None
     if class_name not in PIPELINE_CLASSES:
-        raise ModelError(f"model.id: {given} is not an SD3 diffusers folder (model_index.json names "
-                         f"{class_name or 'nothing'}). Point it at a folder saved by StableDiffusion3Pipeline, "
-                         f"e.g. a download of stabilityai/stable-diffusion-3-medium-diffusers.")
+        raise ModelError(f"model.id: {given} is not an SD3 pipeline (got {class_name or 'no _class_name'} in "
+                         f"model_index.json). Point it at an SD3 or SD3.5 diffusers folder, e.g. a download of "
+                         f"stabilityai/stable-diffusion-3-medium-diffusers.")
 
 
 @contextmanager
-def _explained(model: ModelParams) -> Iterator[None]:
-    """Turn hub and file errors into one line that says what to do."""
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+def _explained(model: ModelParams, part: str) -> Iterator[None]:
+    """Turn hub and file errors met while loading `part` (vae, transformer, ...) into one line that says what to do."""
+    from safetensors import SafetensorError
 
-    where = f"model.id {model.id!r}" + (f" (revision {model.revision})" if model.revision else "")
     try:
         yield
-    except GatedRepoError:
-        raise ModelError(f"{where}: gated model. Accept its license at https://huggingface.co/{model.id}, then "
-                         f"log in (`hf auth login`) or set HF_TOKEN.") from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"{where}: no such model on the Hub (or it is private). Check the id, log in "
-                         f"(`hf auth login`), or set model.id to a local folder.") from None
-    except RevisionNotFoundError:
-        raise ModelError(f"{where}: no such revision. Set model.revision to a branch, tag or commit of "
-                         f"that repository.") from None
-    except LocalEntryNotFoundError:
-        raise ModelError(f"{where}: not downloaded, and the Hub cannot be reached. Download it while online "
-                         f"(`hf download {model.id}`), or set model.id to a local folder.") from None
-    except OSError as e:
-        if "offline" in str(e).lower() or "connect" in str(e).lower() or "couldn't find" in str(e).lower():
-            raise ModelError(f"{where}: not downloaded, and the Hub cannot be reached. Download it while online "
-                             f"(`hf download {model.id}`), or set model.id to a local folder.") from None
-        raise ModelError(f"{where}: cannot load ({' '.join(str(e).split())}). Check that it is a complete SD3 "
-                         f"diffusers model.") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        hub_error = _hub_error(e)
+        detail = " ".join(str(hub_error or e).split())[:300]
+        if hub_error is not None:
+            raise ModelError(_hub_message(model, part, hub_error, detail)) from None
+        raise ModelError(f"model.id {model.id!r}: cannot load its {part} (got {detail}). The model is incomplete or "
+                         f"corrupt: download it again, or point model.id at a complete SD3 diffusers folder.") from None
+
+
+def _hub_error(error: BaseException) -> BaseException | None:
+    """The huggingface_hub or connection error behind `error`: diffusers and transformers re-raise them as
+    plain OSErrors, keeping the original as __cause__ or __context__."""
+    from huggingface_hub import errors as hub
+
+    kinds = (hub.HfHubHTTPError, hub.EntryNotFoundError, hub.HFValidationError, ConnectionError)
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _hub_message(model: ModelParams, part: str, error: BaseException, detail: str) -> str:
+    from huggingface_hub import errors as hub
+
+    where = f"model.id {model.id!r}" + (f" (model.revision {model.revision})" if model.revision else "")
+    if isinstance(error, hub.GatedRepoError):
+        return (f"{where}: gated model, and this machine has no access (got {detail[:120]}). Accept its license at "
+                f"https://huggingface.co/{model.id}, then log in (`hf auth login`) or set HF_TOKEN.")
+    if isinstance(error, hub.RepositoryNotFoundError):
+        return (f"{where}: no such model on the Hub, or it is private. Check the id, log in (`hf auth login`), or "
+                f"set model.id to a local folder.")
+    if isinstance(error, hub.RevisionNotFoundError):
+        return f"{where}: no such revision. Set model.revision to a branch, tag or commit of that repository."
+    if isinstance(error, (hub.LocalEntryNotFoundError, ConnectionError)):
+        return (f"{where}: not downloaded, and the Hub cannot be reached (offline). Log in and download it while "
+                f"online (`hf auth login`, then `hf download {model.id}`), or set model.id to a local folder.")
+    if isinstance(error, hub.EntryNotFoundError):
+        return (f"{where}: has no {part} (got {detail}). Use an SD3 diffusers repository, e.g. "
+                f"stabilityai/stable-diffusion-3-medium-diffusers.")
+    return f"{where}: the Hub refused the download (got {detail}). Check the id and your login, then retry."

@@ -9,6 +9,7 @@ SD3 conditions on two tensors per prompt:
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from yem import device, sd3
 from yem.params import EncodeParams, ModelParams, PromptParams
 
 CHUNK = 8  # prompts per encoder call: bounds activation memory for T5-XXL
+ENCODER_NAMES = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5"}
 
 
 def text_key(text: str) -> str:
@@ -57,16 +59,25 @@ def plan_prompts(prompts: PromptParams, captions: dict[str, str | None]) -> Prom
                       instance=prompts.instance)
 
 
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """A text longer than an encoder reads: the tokens past `limit` are cut off."""
+    text: str
+    encoder: str  # clip_l, clip_g or t5
+    limit: int
+    tokens: int  # how many it had, special tokens included
+
+
 def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams, backend: device.Backend,
                    dtype: torch.dtype, on_progress: Callable[[int], None] = lambda n: None
-                   ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Encode `texts`; returns joint (N, 77 + T, D), pooled (N, P) in fp32 on the CPU, and truncation notes."""
-    notes: list[str] = []
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[Truncation]]:
+    """Encode `texts`; returns joint (N, 77 + T, D), pooled (N, P) in fp32 on the CPU, and what was truncated."""
+    cuts: list[Truncation] = []
     clip_seqs, pooled = [], []
     for which in ("clip_l", "clip_g"):
         tokenizer, encoder = sd3.load_text_encoder(model, which, dtype, backend)
         seq, pool = _run_chunks(lambda chunk: _clip(tokenizer, encoder, chunk, backend), texts, on_progress)
-        notes += _truncation_notes(tokenizer, texts, tokenizer.model_max_length, which)
+        cuts += _truncations(tokenizer, texts, tokenizer.model_max_length, which)
         clip_seqs.append(seq)
         pooled.append(pool)
         del tokenizer, encoder
@@ -75,7 +86,7 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
         tokenizer, encoder = sd3.load_text_encoder(model, "t5", dtype, backend)
         (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length, backend),
                             texts, on_progress)
-        notes += _truncation_notes(tokenizer, texts, settings.max_sequence_length, "t5")
+        cuts += _truncations(tokenizer, texts, settings.max_sequence_length, "t5")
         del tokenizer, encoder
         device.empty_cache(backend)
     else:
@@ -83,7 +94,7 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
         t5 = torch.zeros(len(texts), settings.max_sequence_length, width)  # SD3's T5-free conditioning
     clip = torch.cat(clip_seqs, dim=-1)  # (N, 77, W_L + W_G)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (N, 77, D)
-    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), notes
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), cuts
 
 
 def _run_chunks(encode: Callable, texts: list[str], on_progress: Callable[[int], None]):
@@ -109,26 +120,63 @@ def _t5(tokenizer, encoder, texts: list[str], length: int, backend: str) -> tupl
     return (encoder(ids.to(backend))[0],)  # (N, T, D)
 
 
-def _truncation_notes(tokenizer, texts: list[str], limit: int, which: str) -> list[str]:
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False).input_ids]
-    return [f"prompt truncated to {limit} {which} tokens (had {n}): {text[:60]!r}…"
-            for text, n in zip(texts, lengths) if n > limit]
+def _truncations(tokenizer, texts: list[str], limit: int, which: str) -> list[Truncation]:
+    # verbose=False: transformers would warn of "indexing errors" for what we truncate on purpose
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False).input_ids]
+    return [Truncation(text, which, limit, n) for text, n in zip(texts, lengths) if n > limit]
+
+
+def text_sources(plan: PromptPlan, prompts: PromptParams, captions: dict[str, str | None],
+                 caption_files: dict[str, str]) -> dict[str, list[str]]:
+    """Where each text came from, by key: the caption files and params keys a user would edit to change it."""
+    sources: dict[str, list[str]] = {}
+    for sample_id, file in caption_files.items():
+        caption = captions.get(sample_id)
+        if caption is not None and plan.samples.get(sample_id) == text_key(caption):  # prior captions are unused
+            sources.setdefault(text_key(caption), []).append(file)
+    named = [("prompts.instance", prompts.instance), ("prompts.prior", prompts.prior),
+             ("prompts.negative", prompts.negative)]
+    named += [(f"prompts.validation[{i}]", text) for i, text in enumerate(prompts.validation)]
+    for where, text in named:
+        if text is not None:
+            sources.setdefault(text_key(text), []).append(where)
+    return sources
+
+
+def truncation_notes(cuts: list[Truncation], sources: dict[str, list[str]]) -> list[str]:
+    """One warning per truncated text, naming its caption files or params keys, and what to do."""
+    by_text: dict[str, list[Truncation]] = {}
+    for cut in cuts:
+        by_text.setdefault(cut.text, []).append(cut)
+    notes = []
+    for text, group in by_text.items():
+        where = sources.get(text_key(text)) or [repr(text[:40])]
+        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        got = "; ".join(f"{ENCODER_NAMES[c.encoder]} {c.tokens} tokens, {c.limit} kept" for c in group)
+        raise_t5 = " or raise encode.max_sequence_length (at most 512)" if any(c.encoder == "t5" for c in group) else ""
+        notes.append(f"{shown}: text too long, its end is ignored (got {got}). Shorten it{raise_t5}.")
+    return notes
 
 
 def write_embeddings(model: ModelParams, prompts: PromptParams, settings: EncodeParams, hardware: dict,
-                     captions: dict[str, str | None], out_dir) -> list[str]:
-    """Encode every distinct prompt the pipeline needs into `out_dir` (one file per text + index.json)."""
-    from yem import cache, progress
+                     captions: dict[str, str | None], out_dir: Path,
+                     caption_files: dict[str, str] | None = None) -> list[str]:
+    """Encode every distinct prompt the pipeline needs into `out_dir` (one file per text + index.json).
+
+    Returns a warning per truncated text, naming its caption file (`caption_files`: sample id -> path) or params
+    key. The folder replaces `out_dir` only when complete, so a failure keeps the previous embeddings.
+    """
+    from yem import atomic, cache, progress
 
     plan = plan_prompts(prompts, captions)
     keys, texts = list(plan.texts), list(plan.texts.values())
     backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
     encoders = 3 if settings.use_t5 else 2
     with progress.bar(total=len(texts) * encoders, desc="encode", unit="prompt") as bar:
-        joint, pooled, notes = encode_prompts(model, texts, settings, backend, dtype, bar.update)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, (key, text) in enumerate(zip(keys, texts)):
-        cache.write_tensors(out_dir / f"{key}.safetensors",
-                            {"prompt_embeds": joint[i], "pooled_prompt_embeds": pooled[i]}, {"text": text})
-    cache.write_index(out_dir, {**plan.index(), "use_t5": settings.use_t5})
-    return notes
+        joint, pooled, cuts = encode_prompts(model, texts, settings, backend, dtype, bar.update)
+    with atomic.staged_dir(out_dir) as staging:
+        for i, (key, text) in enumerate(zip(keys, texts)):
+            cache.write_tensors(staging / f"{key}.safetensors",
+                                {"prompt_embeds": joint[i], "pooled_prompt_embeds": pooled[i]}, {"text": text})
+        cache.write_index(staging, {**plan.index(), "use_t5": settings.use_t5})
+    return truncation_notes(cuts, text_sources(plan, prompts, captions, caption_files or {}))
