@@ -26,7 +26,7 @@ def main(params_path: Path, hardware: Path, latents: Path, embeds: Path, out: Pa
     with reported():
         params = load_params(params_path)
         result = run_training(params.model, params.train, json.loads(hardware.read_text()), latents, embeds, out,
-                              params.root)
+                              params.root, params.thermal)
     metrics.write_json(metrics_path, result.metrics())
     metrics.write_tsv(steps_log, result.rows)
 

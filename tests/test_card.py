@@ -141,9 +141,11 @@ def test_card_body_shows_images_that_exist_usage_and_training(dist):
 
 def test_card_renders_thermal_and_machine_facts_when_training_recorded_them(run, params, tmp_path):
     root, _ = run
-    recorded = results(root, thermal_pauses=2, throttled_minutes=3.5, memory_total_gib=64.0, os="macOS 15.1")
+    recorded = results(root, thermal_pauses=2, thermal_throttled_min=3.5, thermal_paused_min=1.25,
+                       memory_total_gib=64.0, os="macOS 15.1")
     text = write_card(params.model, params.train, params.export, recorded, tmp_path).text
-    for row in ("| thermal pauses | 2 |", "| throttled | 3.5 min |", "| memory | 64 GiB |",
+    for row in ("| thermal pauses | 2 |", "| throttled | 3.5 min |", "| paused for heat | 1.25 min |",
+                "| memory | 64 GiB |",
                 "| operating system | macOS 15.1 |"):
         assert row in text, row
 

@@ -252,3 +252,53 @@ def test_nonfinite_policy_stop_gives_advice_and_saves_nothing(cached_project, mo
     with pytest.raises(TrainingStopped, match=r"3 non-finite steps in a row .* Lower train.learning_rate"):
         train(cached_project, "stopped", on_nonfinite="stop")
     assert not (cached_project[0] / "stopped").exists()
+
+
+class ReplayedSensor:
+    """Thermal states in the order a machine reported them; the last one repeats."""
+
+    def __init__(self, *states):
+        self.states = list(states)
+
+    def read(self):
+        from yem.thermal import Reading
+
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return Reading(state=state, source="replay", detail=f"replayed {state.label}")
+
+
+def test_heat_pauses_training_without_changing_its_result(cached_project, reference, monkeypatch):
+    import yem.train
+    from yem.params import ThermalParams
+    from yem.thermal import ThermalState as T
+
+    sensor = ReplayedSensor(T.NOMINAL, T.SERIOUS, T.SERIOUS, T.FAIR, T.NOMINAL)  # hot after the first window
+    monkeypatch.setattr(yem.train.thermal, "detect", lambda backend: sensor)
+    monkeypatch.setattr(yem.train.time, "sleep", lambda seconds: None)
+    root, params, hardware = cached_project
+    result = run_training(params.model, settings(cached_project), hardware, root / "latents", root / "embeds",
+                          root / "paused", root, ThermalParams(policy="pause", max_pause_s=60))
+    metrics = result.metrics()
+    assert metrics["thermal_pauses"] == 1 and metrics["thermal_worst"] == "serious"
+    assert [r["thermal"] for r in result.rows][:8] == [0] * 4 + [2] * 4
+    assert_same_run(root / "reference", root / "paused", reference.rows, result.rows)
+
+
+def test_critical_heat_stops_with_a_checkpoint_and_the_rerun_resumes(cached_project, reference, monkeypatch):
+    import yem.train
+    from yem.params import ThermalParams
+    from yem.thermal import ThermalState as T
+
+    root, params, hardware = cached_project
+    heat = ThermalParams(policy="pause", max_pause_s=60)
+
+    def attempt(sensor):
+        monkeypatch.setattr(yem.train.thermal, "detect", lambda backend: sensor)
+        return run_training(params.model, settings(cached_project), hardware, root / "latents", root / "embeds",
+                            root / "critical", root, heat)
+
+    with pytest.raises(TrainingStopped, match=r"stopped for heat after step 8/12.*rerun `dvc repro`"):
+        attempt(ReplayedSensor(T.NOMINAL, T.CRITICAL))
+    resumed = attempt(ReplayedSensor(T.NOMINAL))
+    assert resumed.resumed_from == 8
+    assert_same_run(root / "reference", root / "critical", reference.rows, resumed.rows)

@@ -26,7 +26,8 @@ LAYOUTS = {"diffusers": "diffusers / peft (`load_lora_weights`)",
 # metrics/train.json keys the hardware table shows when the training run recorded them (label, unit):
 # machine facts, and the thermal governor's count of pauses and minutes spent throttled.
 OPTIONAL_HARDWARE = {"memory_total_gib": ("memory", " GiB"), "os": ("operating system", ""),
-                     "thermal_pauses": ("thermal pauses", ""), "throttled_minutes": ("throttled", " min")}
+                     "thermal_pauses": ("thermal pauses", ""), "thermal_paused_min": ("paused for heat", " min"),
+                     "thermal_throttled_min": ("throttled", " min")}
 
 
 @dataclass(frozen=True)

@@ -140,3 +140,13 @@ def _apple_chip() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def os_name() -> str:
+    """'macOS 15.1', or the platform string elsewhere, for the model card's provenance."""
+    import platform
+    import sys
+
+    if sys.platform == "darwin":
+        return f"macOS {platform.mac_ver()[0]}"
+    return platform.platform(terse=True)

@@ -30,3 +30,12 @@ def reset_peak(backend: str) -> None:
 
     if backend == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def total_bytes(backend: str) -> int:
+    """The device's memory: the GPU's on CUDA; RAM on the CPU and on Apple Silicon (unified memory)."""
+    import torch
+
+    if backend == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return psutil.virtual_memory().total

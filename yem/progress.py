@@ -9,3 +9,8 @@ def bar(total: int, desc: str, unit: str = "it") -> tqdm:
     # dynamic_ncols: survive terminal resizes; mininterval: cheap on a slow CI log
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                 smoothing=0.1)
+
+
+def note(message: str) -> None:
+    """A line for the user that does not break an active progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from yem import atomic, cache, checkpoint, device, flow, lora, lora_file, memory, objective, progress, sd3, trainset
+from yem import (atomic, cache, checkpoint, device, flow, lora, lora_file, memory, objective, power, progress, sd3,
+                 thermal, trainset)
 from yem.errors import TrainingStopped
 from yem.interrupt import stop_requests
 from yem.metrics import TrainResult
 from yem.objective import batch_loss, heldout_loss
-from yem.params import ModelParams, TrainParams
+from yem.params import ModelParams, ThermalParams, TrainParams
 from yem.trainset import TrainingSet
 
 SNAPSHOTS = "steps"  # intermediate adapters (one per checkpoint) kept beside the final one, for render.checkpoints
@@ -49,25 +50,30 @@ class Run:
     provenance: dict[str, str]  # header metadata of every adapter file written
     bad_streak: torch.Tensor  # () non-finite steps in a row, on the device
     bad_in_window: torch.Tensor  # () non-finite steps since the last sync, on the device
+    sensor: thermal.Sensor  # how hot the training device runs
+    heat: thermal.Governor  # decides, once per window, to go on, pause or stop
     initial: checkpoint.TrainingState | None = None  # the state at step 0, for a rollback with no checkpoint yet
 
 
 def run_training(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
-                 out_dir: Path, project_root: Path) -> TrainResult:
+                 out_dir: Path, project_root: Path, heat: ThermalParams | None = None) -> TrainResult:
     """Train the adapter (resuming from the newest checkpoint of this exact run) and save it to `out_dir`.
 
     The loop runs in windows of up to LOG_EVERY steps queued on the device without waiting for it; at the end
     of a window it reads the losses back (the only wait), then rolls back, checkpoints or stops as needed.
     """
     started = time.perf_counter()
-    run = prepare(model, settings, hardware, latents_dir, embeds_dir, project_root)
+    run = prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
+                  heat or ThermalParams(policy="pause", max_pause_s=600))
     log = start_or_resume(run)
     resumed_from = log["step"]
     memory.reset_peak(hardware["backend"])
-    with stop_requests() as stop, progress.bar(settings.steps, "train", "step") as bar:
+    for warning in filter(None, [power.battery_warning()]):
+        progress.note(warning)
+    with stop_requests() as stop, power.keep_awake(), progress.bar(settings.steps, "train", "step") as bar:
         bar.update(log["step"])
         while log["step"] < settings.steps:
-            train_window(run, log, stop, bar)
+            reading, seconds = train_window(run, log, stop, bar)
             if log["bad_streak"] >= settings.max_bad_steps:
                 roll_back(run, log)
                 bar.reset(settings.steps)
@@ -75,6 +81,7 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                 continue
             if log["step"] == settings.steps:
                 break
+            respect_heat(run, log, reading, seconds)
             if log["step"] % settings.checkpoint_every == 0 or stop:
                 save_checkpoint(run, log)
             if stop:
@@ -85,12 +92,16 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
 
 
 def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
-            project_root: Path) -> Run:
-    from accelerate import Accelerator
+            project_root: Path, heat: ThermalParams) -> Run:
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
     backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
-    accelerator = Accelerator(cpu=backend == "cpu")
+    # other ranks wait in a collective while rank 0 pauses for heat: give them longer than the longest pause
+    patience = InitProcessGroupKwargs(timeout=timedelta(seconds=heat.max_pause_s + 900))
+    accelerator = Accelerator(cpu=backend == "cpu", kwargs_handlers=[patience])
     data = trainset.load_training_set(latents_dir, embeds_dir, accelerator.device)
     transformer = sd3.load_transformer(model, dtype, accelerator.device)
     if settings.gradient_checkpointing is True:
@@ -114,7 +125,9 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
                generator=torch.Generator(accelerator.device),
                run_dir=checkpoint.checkpoints_root(project_root) / fingerprint,
                provenance=provenance(model, settings, latents_dir, embeds_dir), bad_streak=zero.clone(),
-               bad_in_window=zero.clone())
+               bad_in_window=zero.clone(), sensor=thermal.detect(backend),
+               # on a CPU other processes swing step time far more than heat does: watch the sensor only
+               heat=thermal.Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"))
 
 
 def adamw(params: list[torch.nn.Parameter], settings: TrainParams) -> tuple[torch.optim.Optimizer, bool]:
@@ -131,6 +144,7 @@ def start_or_resume(run: Run) -> dict:
     state = checkpoint.load_latest(run.run_dir)
     if state is not None:
         restore(run, state, state.log)
+        run.heat.totals = thermal.Totals(**state.log.get("thermal", {}))
         return state.log
     log = {"step": 0, "rows": [], "heldout_before": heldout_loss(run.model, run.data, run.dtype),
            "nonfinite_steps": 0, "bad_streak": 0, "rollbacks": [], "lr_scale": 1.0, "dtype": str(run.dtype)[6:]}
@@ -138,8 +152,9 @@ def start_or_resume(run: Run) -> dict:
     return log
 
 
-def train_window(run: Run, log: dict, stop: list[str], bar) -> None:
-    """Queue steps up to the next sync point (or a stop request), then read their losses back once."""
+def train_window(run: Run, log: dict, stop: list[str], bar) -> tuple[thermal.Reading, float]:
+    """Queue steps up to the next sync point (or a stop request), then read their losses back once.
+    Returns the device's thermal reading and the seconds per step of the window."""
     settings, start = run.settings, log["step"]
     every = settings.checkpoint_every
     end = min((start // LOG_EVERY + 1) * LOG_EVERY, (start // every + 1) * every, settings.steps)
@@ -151,13 +166,39 @@ def train_window(run: Run, log: dict, stop: list[str], bar) -> None:
             break
     values = torch.stack(losses).tolist()  # waits for the device: the window's only sync
     seconds = (time.perf_counter() - clock) / len(values)
-    log["rows"] += log_rows(start, values, lrs, seconds, run.accelerator.device.type)
+    reading = run.sensor.read()
+    log["rows"] += log_rows(start, values, lrs, seconds, run.accelerator.device.type, reading.state.value)
     log["step"] = start + len(values)
     log["nonfinite_steps"] += int(run.bad_in_window)
     log["bad_streak"] = int(run.bad_streak)
     run.bad_in_window.zero_()
     bar.update(len(values))
-    bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}", mem=f"{log['rows'][-1]['memory_gib']:.1f}G")
+    bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}", mem=f"{log['rows'][-1]['memory_gib']:.1f}G",
+                    heat=reading.state.label)
+    return reading, seconds
+
+
+def respect_heat(run: Run, log: dict, reading: thermal.Reading, seconds: float) -> None:
+    """Let the thermal governor act on the window that just ended: checkpoint, then pause or stop."""
+    action = agreed(run, run.heat.observe(reading, seconds))
+    if action is not thermal.Action.CONTINUE:
+        log["thermal"] = dataclasses.asdict(run.heat.totals)
+        save_checkpoint(run, log)
+        if action is thermal.Action.PAUSE:
+            progress.note(f"train: pausing to cool down ({reading.detail}), at most {run.heat.max_pause_s:.0f} s")
+            action = agreed(run, run.heat.wait_until_cool(run.sensor.read, time.sleep))
+    log["thermal"] = dataclasses.asdict(run.heat.totals)
+    if action is thermal.Action.STOP:
+        raise run.heat.stop_error(log["step"], run.settings.steps)
+
+
+def agreed(run: Run, action: thermal.Action) -> thermal.Action:
+    """Every process follows rank 0's decision, so none is left waiting in a collective."""
+    if run.accelerator.num_processes == 1:
+        return action
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([action])[0]
 
 
 def update(run: Run, step: int) -> torch.Tensor:
@@ -254,7 +295,8 @@ def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path
     facts = {"backend": backend, "dtype": log["dtype"], "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log["nonfinite_steps"], "rollbacks": len(log["rollbacks"]),
-             "learning_rate_scale": log["lr_scale"]}
+             "learning_rate_scale": log["lr_scale"], "os": device.os_name(),
+             "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics()}
     return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=log["heldout_before"],
                        heldout_after=after, batch_size=run.batch_size, gradient_accumulation=run.accumulation,
                        gradient_checkpointing=run.transformer.is_gradient_checkpointing,
@@ -263,10 +305,12 @@ def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path
                        wall_s=time.perf_counter() - started, resumed_from=resumed_from, facts=facts)
 
 
-def log_rows(first_step: int, losses: list[float], lrs: list[float], seconds: float, backend: str) -> list[dict]:
+def log_rows(first_step: int, losses: list[float], lrs: list[float], seconds: float, backend: str,
+             heat: int) -> list[dict]:
+    """One TSV row per step; `heat` is the thermal state's number (-1 unknown, 0 nominal … 3 critical)."""
     memory_gib = memory.used_bytes(backend) / memory.GIB
-    return [{"step": first_step + i + 1, "loss": loss, "lr": lr, "s_per_step": seconds, "memory_gib": memory_gib}
-            for i, (loss, lr) in enumerate(zip(losses, lrs))]
+    return [{"step": first_step + i + 1, "loss": loss, "lr": lr, "s_per_step": seconds, "memory_gib": memory_gib,
+             "thermal": heat} for i, (loss, lr) in enumerate(zip(losses, lrs))]
 
 
 def snapshot(run: Run, log: dict) -> checkpoint.TrainingState:
