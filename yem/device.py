@@ -150,3 +150,23 @@ def os_name() -> str:
     if sys.platform == "darwin":
         return f"macOS {platform.mac_ver()[0]}"
     return platform.platform(terse=True)
+
+
+def autocast(backend: str, dtype):
+    """Mixed precision for the forward pass on CUDA: the fp32 LoRA weights run in `dtype` there (tensor
+    cores). Elsewhere peft computes the small LoRA path in fp32 beside the half-precision base, no autocast."""
+    from contextlib import nullcontext
+
+    import torch
+
+    if backend == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+def fast_math(backend: str) -> None:
+    """TF32 for whatever fp32 matmuls remain on CUDA (the loss, the LoRA weights' optimizer math)."""
+    import torch
+
+    if backend == "cuda":
+        torch.set_float32_matmul_precision("high")

@@ -22,7 +22,7 @@ def batch_loss(model, batch: Batch, sigma_table: torch.Tensor, settings: TrainPa
                                settings.logit_mean, settings.logit_std, settings.mode_scale)
     noise = torch.randn(batch.x0.shape, generator=generator, device=batch.x0.device, dtype=batch.x0.dtype)
     noisy = flow.add_noise(batch.x0, noise, sigma)
-    prediction = model(hidden_states=noisy.to(dtype), timestep=flow.timesteps(sigma).to(dtype),
+    prediction = model(hidden_states=noisy.to(dtype), timestep=flow.timesteps(sigma),
                        encoder_hidden_states=batch.joint.to(dtype), pooled_projections=batch.pooled.to(dtype),
                        return_dict=False)[0]
     losses = flow.per_sample_loss(prediction, batch.x0, noise, noisy, sigma, settings.weighting_scheme,
@@ -42,7 +42,7 @@ def heldout_loss(model, data: TrainingSet, dtype: torch.dtype) -> float:
         sigma = torch.full((len(index),), sigma_value, device=x0.device)
         noisy = flow.add_noise(x0, noise, sigma)
         rows = data.prompt[index]
-        prediction = model(hidden_states=noisy.to(dtype), timestep=flow.timesteps(sigma).to(dtype),
+        prediction = model(hidden_states=noisy.to(dtype), timestep=flow.timesteps(sigma),
                            encoder_hidden_states=data.joint[rows].to(dtype),
                            pooled_projections=data.pooled[rows].to(dtype), return_dict=False)[0]
         total += flow.per_sample_loss(prediction, x0, noise, noisy, sigma, "none", False).mean().item()

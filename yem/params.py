@@ -83,6 +83,7 @@ class TrainParams:
     max_grad_norm: float | None = rule(above=0)
     seed: int
     gradient_checkpointing: bool | Auto
+    compile: bool | Auto  # torch.compile each transformer block; auto: on CUDA
     weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]
     logit_mean: float
     logit_std: float = rule(above=0)

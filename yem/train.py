@@ -93,22 +93,43 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
 
 def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
             project_root: Path, heat: ThermalParams) -> Run:
+    """Load the cached data and the transformer for `model`, then assemble the run."""
+    backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
+    accelerator = make_accelerator(backend, heat)
+    return assemble(accelerator, sd3.load_transformer(model, dtype, accelerator.device),
+                    trainset.load_training_set(latents_dir, embeds_dir, accelerator.device),
+                    sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
+                    run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
+                        model, settings, hardware, latents_dir, embeds_dir),
+                    provenance=provenance(model, settings, latents_dir, embeds_dir))
+
+
+def make_accelerator(backend: str, heat: ThermalParams):
     from datetime import timedelta
 
     from accelerate import Accelerator, InitProcessGroupKwargs
-    from diffusers.optimization import get_scheduler
 
-    backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
+    device.fast_math(backend)
     # other ranks wait in a collective while rank 0 pauses for heat: give them longer than the longest pause
     patience = InitProcessGroupKwargs(timeout=timedelta(seconds=heat.max_pause_s + 900))
-    accelerator = Accelerator(cpu=backend == "cpu", kwargs_handlers=[patience])
-    data = trainset.load_training_set(latents_dir, embeds_dir, accelerator.device)
-    transformer = sd3.load_transformer(model, dtype, accelerator.device)
+    return Accelerator(cpu=backend == "cpu", kwargs_handlers=[patience])
+
+
+def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor,
+             settings: TrainParams, dtype: torch.dtype, heat: ThermalParams, run_dir: Path,
+             provenance: dict[str, str]) -> Run:
+    """Attach the adapter, set up optimizer and schedule, and wrap the model for (distributed) training."""
+    from diffusers.optimization import get_scheduler
+
+    backend = accelerator.device.type
     if settings.gradient_checkpointing is True:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator (B starts at zero)
     params = lora.attach(transformer, settings.rank, settings.alpha, settings.targets)
     transformer.train()
+    if settings.compile is True or (settings.compile == "auto" and backend == "cuda"):
+        for block in transformer.transformer_blocks:  # regional: the identical blocks share one compilation
+            block.compile(dynamic=False)
     optimizer, fused = adamw(params, settings)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                               num_training_steps=settings.steps)
@@ -117,15 +138,12 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
     if settings.batch_size == "auto" and settings.effective_batch_size:
         accumulation = max(1, settings.effective_batch_size // batch_size)
     zero = torch.zeros((), dtype=torch.int64, device=accelerator.device)
-    fingerprint = run_fingerprint(model, settings, hardware, latents_dir, embeds_dir)
     return Run(accelerator=accelerator, model=accelerator.prepare(transformer), transformer=transformer,
                params=params, optimizer=optimizer, skips_on_device=fused, scheduler=scheduler, data=data,
-               sigma_table=sd3.load_training_scheduler(model).sigmas.to(accelerator.device, torch.float32),
-               dtype=dtype, settings=settings, batch_size=batch_size, accumulation=accumulation,
-               generator=torch.Generator(accelerator.device),
-               run_dir=checkpoint.checkpoints_root(project_root) / fingerprint,
-               provenance=provenance(model, settings, latents_dir, embeds_dir), bad_streak=zero.clone(),
-               bad_in_window=zero.clone(), sensor=thermal.detect(backend),
+               sigma_table=sigma_table.to(accelerator.device, torch.float32), dtype=dtype, settings=settings,
+               batch_size=batch_size, accumulation=accumulation, generator=torch.Generator(accelerator.device),
+               run_dir=run_dir, provenance=provenance, bad_streak=zero.clone(), bad_in_window=zero.clone(),
+               sensor=thermal.detect(backend),
                # on a CPU other processes swing step time far more than heat does: watch the sensor only
                heat=thermal.Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"))
 
@@ -217,7 +235,7 @@ def update(run: Run, step: int) -> torch.Tensor:
                                      run.batch_size, settings.seed, settings.repeats, settings.prior_loss_weight,
                                      run.generator)
         last = micro == run.accumulation - 1
-        with nullcontext() if last else accelerator.no_sync(run.model):
+        with nullcontext() if last else accelerator.no_sync(run.model), device.autocast(accelerator.device.type, run.dtype):
             loss = batch_loss(run.model, batch, run.sigma_table, settings, run.dtype, run.generator,
                               run.batch_size) / run.accumulation
             accelerator.backward(loss)

@@ -27,10 +27,11 @@ class TrainingSet:
     prompt: torch.Tensor  # (N,) long: each sample's row in joint / pooled
     joint: torch.Tensor  # (E, 77 + T, D)
     pooled: torch.Tensor  # (E, P)
-    prior: torch.Tensor  # (N,) bool: prior-preservation (class) image
+    prior: torch.Tensor  # (N,) bool, on the CPU: prior-preservation (class) image
 
     def select(self, prior: bool) -> torch.Tensor:
-        return torch.nonzero(self.prior == prior).flatten().cpu()
+        """(n,) indices of the instance (or class) samples, on the CPU: picking a batch never waits for the device."""
+        return torch.nonzero(self.prior == prior).flatten()
 
 
 def load_training_set(latents_dir: Path, embeds_dir: Path, device: torch.device) -> TrainingSet:
@@ -52,7 +53,7 @@ def load_training_set(latents_dir: Path, embeds_dir: Path, device: torch.device)
         prompt=torch.tensor([keys.index(embeds["samples"][i]) for i in ids], device=device),
         joint=torch.stack([p["prompt_embeds"] for p in prompts]).to(device),
         pooled=torch.stack([p["pooled_prompt_embeds"] for p in prompts]).to(device),
-        prior=torch.tensor([i.startswith("prior/") for i in ids], device=device))
+        prior=torch.tensor([i.startswith("prior/") for i in ids]))
 
 
 def epoch_order(population: torch.Tensor, seed: int, epoch: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +89,10 @@ class Batch:
 
 def make_batch(data: TrainingSet, index: torch.Tensor, flip: torch.Tensor, weight: float,
                generator: torch.Generator) -> Batch:
-    index = index.to(data.mean.device)
+    index = index.to(data.mean.device, non_blocking=True)  # tiny copy; a blocking one would wait for the GPU
     mean, std = data.mean[index], data.std[index]
     if data.flip_mean is not None:
-        use_flip = flip.to(data.mean.device).view(-1, 1, 1, 1)
+        use_flip = flip.to(data.mean.device, non_blocking=True).view(-1, 1, 1, 1)
         mean = torch.where(use_flip, data.flip_mean[index], mean)
         std = torch.where(use_flip, data.flip_std[index], std)
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

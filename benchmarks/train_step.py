@@ -1,0 +1,232 @@
+"""Benchmark yem's real training step on a full-size random-weight SD3 transformer (no download).
+
+    python benchmarks/train_step.py --model sd3-medium --resolution 1024 512 --variants eager compiled
+    python benchmarks/train_step.py --device mps --model sd3-medium --resolution 512 --variants eager
+
+Builds the transformer at the real config directly on the device (random weights in the training dtype),
+synthetic cached latents and prompt embeddings of the real shapes, then runs `yem.train.update` — the exact
+step the train stage runs (LoRA via peft, fused AdamW, on-device sigma sampling, no host sync inside the
+step). Prints a table: s/step (median of timed steps after warm-up), peak memory, FLOPs per step (counted by
+torch's FlopCounterMode on the real step), achieved TFLOP/s and its share of a large bf16 matmul measured on
+the same device, and the compile time (time of the warm-up steps beyond the eager ones).
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from yem.device import configure_environment  # noqa: E402
+
+configure_environment()
+
+import torch  # noqa: E402
+
+ARCHITECTURES = {  # diffusers SD3Transformer2DModel configs (see notes/diffusers.md §4)
+    "sd3-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192),
+    "sd3.5-medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                         qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+                        qk_norm="rms_norm"),
+}
+COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+              joint_attention_dim=4096, pooled_projection_dim=2048)
+TEXT_TOKENS = 154  # 77 CLIP + 77 T5, as the reference trains
+VARIANTS = {"eager": dict(compile=False, gradient_checkpointing=False),
+            "compiled": dict(compile=True, gradient_checkpointing=False),
+            "checkpointed": dict(compile=False, gradient_checkpointing=True),
+            "compiled+checkpointed": dict(compile=True, gradient_checkpointing=True),
+            # the diffusers example's step (benchmarks/reference_step.py), for the side-by-side ratio
+            "reference": {}, "reference+checkpointed": {}, "reference+vae": {}}
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+           up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+           latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+           use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_transformer(name: str, dtype: torch.dtype, device: str):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SD3Transformer2DModel(**COMMON, **ARCHITECTURES[name])
+    return model.to(dtype).requires_grad_(False)
+
+
+def synthetic_set(count: int, resolution: int, device: str):
+    from yem.trainset import TrainingSet
+
+    side = resolution // 8
+    g = torch.Generator().manual_seed(0)
+    return TrainingSet(ids=[f"instance/{i}" for i in range(count)],
+                       mean=torch.randn(count, 16, side, side, generator=g).to(device),
+                       std=torch.full((count, 16, side, side), 0.05).to(device), flip_mean=None, flip_std=None,
+                       prompt=torch.arange(count).to(device),
+                       joint=torch.randn(count, TEXT_TOKENS, 4096, generator=g).to(device),
+                       pooled=torch.randn(count, 2048, generator=g).to(device),
+                       prior=torch.zeros(count, dtype=torch.bool))
+
+
+def settings_for(args, variant: str):
+    from yem.params import load_params
+
+    base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    return dataclasses.replace(base, steps=args.warmup + args.steps, batch_size=args.batch, rank=args.rank,
+                               alpha=float(args.rank), learning_rate=1e-4, lr_scheduler="constant",
+                               lr_warmup_steps=0, targets=args.targets, **VARIANTS[variant])
+
+
+def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dtype):
+    """A function step(number) running one training step of `variant` on fresh random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from yem import train
+    from yem.params import ThermalParams
+
+    transformer = build_transformer(args.model, dtype, accelerator.device)
+    data = synthetic_set(8, resolution, args.device)
+    if variant.startswith("reference"):
+        import reference_step
+
+        vae, pixels = None, None
+        if variant == "reference+vae":
+            from diffusers import AutoencoderKL
+
+            with torch.device(args.device):
+                vae = AutoencoderKL(**VAE).requires_grad_(False)  # fp32, as the example keeps it
+            pixels = torch.rand(8, 3, resolution, resolution) * 2 - 1
+        run = reference_step.build(accelerator, transformer, args.targets, args.rank, data.mean, data.std,
+                                   data.joint.to(dtype), data.pooled.to(dtype), args.batch,
+                                   variant == "reference+checkpointed", vae, pixels)
+        return lambda number: reference_step.step(run, number)
+    heat = ThermalParams(policy="ignore", max_pause_s=0)
+    run = train.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
+                         settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={})
+    return lambda number: train.update(run, number)
+
+
+def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> dict:
+    from yem import memory, train
+    from yem.params import ThermalParams
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    accelerator = train.make_accelerator(device, ThermalParams(policy="ignore", max_pause_s=0))
+    memory.reset_peak(device)
+    step = make_step(args, variant, resolution, accelerator, dtype)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device, lambda: None)
+    started = time.perf_counter()
+    for number in range(args.warmup):
+        step(number)
+    sync()
+    warmup_s = time.perf_counter() - started
+    seconds = median_seconds(args, step, device, sync)
+    loss = step(args.warmup)
+    flops = count_flops(step, args.warmup + 1)
+    row = {"model": args.model, "device": device_label(device), "variant": variant, "resolution": resolution,
+           "batch": args.batch, "rank": args.rank, "s_per_step": seconds,
+           "peak_gib": memory.peak_bytes(device) / memory.GIB, "tflop_per_step": flops / 1e12,
+           "tflops": flops / seconds / 1e12, "warmup_s": warmup_s,
+           "loss_finite": bool(torch.isfinite(torch.as_tensor(loss)))}
+    row["pct_of_matmul"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
+    del step
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+    return row
+
+
+def median_seconds(args, step, device: str, sync) -> float:
+    """Median step time over `args.steps` steps, each bracketed by device events (CUDA: the host never waits,
+    so the queue stays full as in training) or by a host clock after a sync."""
+    samples = []
+    for number in range(10_000, 10_000 + args.steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(number)
+            end.record()
+            samples.append((start, end))
+        else:
+            begin = time.perf_counter()
+            step(number)
+            sync()
+            samples.append(time.perf_counter() - begin)
+    sync()
+    if device == "cuda":
+        samples = [s.elapsed_time(e) / 1000 for s, e in samples]
+    return statistics.median(samples)
+
+
+def count_flops(step, number: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(number)
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: str, dtype: torch.dtype) -> float | None:
+    """bf16/fp16 rate of a large matmul on this device: the ceiling the step is compared with."""
+    if device == "cpu":
+        return None
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}[device]
+    for _ in range(3):
+        a @ b
+    sync()
+    begin = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync()
+    return 2 * n**3 * 20 / (time.perf_counter() - begin) / 1e12
+
+
+def device_label(device: str) -> str:
+    from yem.device import device_name
+
+    return device_name(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
+                        "mps" if torch.backends.mps.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model", default="sd3-medium", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--resolution", type=int, nargs="+", default=[1024])
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=sorted(VARIANTS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--targets", nargs="+", default=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    peak = matmul_tflops(args.device, getattr(torch, args.dtype))
+    rows = [measure(args, variant, resolution, peak) for resolution in args.resolution for variant in args.variants]
+    if args.json:
+        args.json.write_text(json.dumps({"matmul_tflops": peak, "torch": torch.__version__, "rows": rows}, indent=1))
+    print_table(rows, peak)
+
+
+def print_table(rows: list[dict], peak: float | None) -> None:
+    print(f"\nmatmul ceiling: {peak:.0f} TFLOP/s" if peak else "\nmatmul ceiling: n/a (cpu)")
+    header = f"{'model':<13}{'variant':<23}{'res':>5}{'bs':>3}{'s/step':>9}{'peak GiB':>9}{'TFLOP':>7}" \
+             f"{'TFLOP/s':>9}{'% mm':>6}{'warm-up s':>10}"
+    print(header)
+    for r in rows:
+        pct = f"{r['pct_of_matmul']:.0f}" if r["pct_of_matmul"] is not None else "-"
+        print(f"{r['model']:<13}{r['variant']:<23}{r['resolution']:>5}{r['batch']:>3}{r['s_per_step']:>9.4f}"
+              f"{r['peak_gib']:>9.2f}{r['tflop_per_step']:>7.1f}{r['tflops']:>9.1f}{pct:>6}{r['warmup_s']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
