@@ -96,3 +96,17 @@ def _repro(project: Path) -> None:
     if result.returncode != 0:
         raise YemError(f"dvc repro failed (exit {result.returncode}); the stage's message is above. Fix it and "
                        f"rerun the same command: finished stages are not repeated.")
+
+
+@main.command()
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+def doctor(params_path: Path) -> None:
+    """Explain this machine: device, precision, memory budget, and whether each stage of params.yaml fits."""
+    from yem.doctor import format_report, gather
+    from yem.params import load_params
+
+    try:
+        params = load_params(params_path) if params_path.exists() else None
+        click.echo(format_report(gather(params)), nl=False)
+    except YemError as e:
+        raise click.ClickException(str(e)) from None
