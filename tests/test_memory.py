@@ -25,9 +25,9 @@ LINUX_BOX = Readings("cpu", total_ram=int(23.5 * GIB), available_ram=23 * GIB, s
 
 # Real messages: torch < 2.4 printed binary sizes as "GB" (a 16 GB Mac, from an SDXL load), later ones as "GiB"; the
 # text comes from aten/src/ATen/mps/MPSAllocator.mm (TORCH_CHECK, so Python sees a RuntimeError).
-MPS_OOM_16GB = ("MPS backend out of memory (MPS allocated: 15.14 GB, other allocations: 2.00 GB, max allowed: 18.13 GB)."
-                " Tried to allocate 1024.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable "
-                "upper limit for memory allocations (may cause system failure).")
+MPS_OOM_16GB = ("MPS backend out of memory (MPS allocated: 15.14 GB, other allocations: 2.00 GB, max allowed: "
+                "18.13 GB). Tried to allocate 1024.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to "
+                "disable upper limit for memory allocations (may cause system failure).")
 MPS_OOM_GIB = ("MPS backend out of memory (MPS allocated: 19.13 GiB, other allocations: 6.17 GiB, max allowed: "
                "36.27 GiB). Tried to allocate 12.06 GiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to "
                "disable upper limit for memory allocations (may cause system failure).")

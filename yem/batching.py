@@ -123,7 +123,7 @@ def plan_batch(measure: Measure, budget: int, settings: BatchSettings) -> BatchP
         return BatchPlan(first, settings.accumulation, checkpointing, probe.peaks.get((first, checkpointing)),
                          f"batch {first} × {settings.accumulation} as set in params.yaml; {words}")
     if not probe.fits(1, checkpointing):
-        raise too_big(probe(1, checkpointing), budget, checkpointing, settings.checkpointing)
+        raise too_big(probe(1, checkpointing), budget, checkpointing)
     cap = min(settings.max_batch, settings.effective or settings.max_batch)
     batch, accumulation = _split(_largest_fitting(probe, checkpointing, cap), settings)
     return BatchPlan(batch, accumulation, checkpointing, probe.peaks.get((batch, checkpointing)),
@@ -184,18 +184,17 @@ def back_off(plan: BatchPlan, settings: BatchSettings, budget: int) -> BatchPlan
     if not plan.checkpointing and settings.checkpointing == "auto":
         return BatchPlan(1, plan.accumulation, True, None,
                          "out of memory at batch 1: gradient checkpointing on")
-    raise too_big(None, budget, plan.checkpointing, settings.checkpointing)
+    raise too_big(None, budget, plan.checkpointing)
 
 
-def too_big(peak: int | None, budget: int, checkpointing: bool, setting: bool | str) -> HardwareError:
+def too_big(peak: int | None, budget: int, checkpointing: bool) -> HardwareError:
     """The error when not even one image per step fits: what it needed, and what to change."""
     needed = "ran out of memory" if peak is None else f"needs {gib(peak)}"
     if not checkpointing:
-        fix = ("set train.gradient_checkpointing: auto (it stores far fewer activations)" if setting is False
-               else "turn on train.gradient_checkpointing")
         return HardwareError(f"train.batch_size: one image per step {needed} without gradient checkpointing, over "
-                             f"{PLAN_MARGIN:.0%} of the {gib(budget)} memory budget (got batch 1). {fix.capitalize()}, "
-                             f"or lower data.resolution.")
+                             f"{PLAN_MARGIN:.0%} of the {gib(budget)} memory budget (got batch 1). Set "
+                             f"train.gradient_checkpointing: auto (it keeps far fewer activations), or lower "
+                             f"data.resolution.")
     return HardwareError(f"train.batch_size: one image per step {needed} even with gradient checkpointing, over "
                          f"{PLAN_MARGIN:.0%} of the {gib(budget)} memory budget (got batch 1). Lower data.resolution "
                          f"(512 px needs about a quarter of the activations of 1024 px), train a smaller base (SD3.5 "

@@ -61,26 +61,23 @@ def mps_watermarks(env: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
     both or neither: its own pair when you set none, and a low ratio that fits under yours when you set only high.
     """
     high_text, low_text = env.get(MPS_HIGH_WATERMARK), env.get(MPS_LOW_WATERMARK)
-    high, low = _ratio(high_text), _ratio(low_text)
-    yem_pair = {MPS_HIGH_WATERMARK: _text(YEM_HIGH_WATERMARK), MPS_LOW_WATERMARK: _text(YEM_HIGH_WATERMARK * LOW_PER_HIGH)}
     if high_text is None and low_text is None:
-        return yem_pair, None
-    if high_text is not None and (high is None or high > TORCH_MAX_WATERMARK):
-        return yem_pair, (f"{MPS_HIGH_WATERMARK}: not a ratio between 0 and 2 (got {high_text!r}). yem uses "
-                          f"{yem_pair[MPS_HIGH_WATERMARK]}; unset it or give a number such as 0.9.")
-    if high_text is None:  # only low was set: yem's hard limit, raised if needed to stay above it
-        ceiling = max(YEM_HIGH_WATERMARK, low) if low is not None and low <= TORCH_MAX_WATERMARK else None
-        if ceiling is not None:
-            return {MPS_HIGH_WATERMARK: _text(ceiling)}, None
-        return yem_pair, (f"{MPS_LOW_WATERMARK}: not a ratio between 0 and 2 (got {low_text!r}). yem uses "
-                          f"{yem_pair[MPS_LOW_WATERMARK]}.")
-    limit = high or TORCH_MAX_WATERMARK  # high 0 means no hard limit
-    current_low = low if low_text is not None else TORCH_LOW_WATERMARK
-    if current_low is not None and current_low <= limit:
+        return _yem_watermarks(), None
+    if high_text is None:  # only low: yem's hard limit, raised where needed to stay above it
+        low = _ratio(low_text)
+        if low is None:
+            return _yem_watermarks(), _not_a_ratio(MPS_LOW_WATERMARK, low_text)
+        return {MPS_HIGH_WATERMARK: _text(max(YEM_HIGH_WATERMARK, low))}, None
+    high = _ratio(high_text)
+    if high is None:
+        return _yem_watermarks(), _not_a_ratio(MPS_HIGH_WATERMARK, high_text)
+    limit = high or TORCH_MAX_WATERMARK  # high 0: no hard limit
+    low = TORCH_LOW_WATERMARK if low_text is None else _ratio(low_text)
+    if low is not None and low <= limit:
         return {}, None
     fitted = {MPS_LOW_WATERMARK: _text(limit * LOW_PER_HIGH)}
-    if low_text is None:
-        return fitted, None  # the trap: torch's default low (1.4) above a high below 1.4
+    if low_text is None:  # the trap: torch's default low (1.4) above a high below 1.4
+        return fitted, None
     return fitted, (f"{MPS_LOW_WATERMARK}: must not exceed {MPS_HIGH_WATERMARK} ({high_text}) (got {low_text!r}). "
                     f"yem uses {fitted[MPS_LOW_WATERMARK]}; fix or unset it.")
 
@@ -90,12 +87,21 @@ def user_high_watermark(env: Mapping[str, str]) -> bool:
     return env.get(MPS_HIGH_WATERMARK, _text(YEM_HIGH_WATERMARK)) != _text(YEM_HIGH_WATERMARK)
 
 
-def _ratio(text: str | None) -> float | None:
+def _yem_watermarks() -> dict[str, str]:
+    return {MPS_HIGH_WATERMARK: _text(YEM_HIGH_WATERMARK), MPS_LOW_WATERMARK: _text(YEM_HIGH_WATERMARK * LOW_PER_HIGH)}
+
+
+def _not_a_ratio(name: str, text: str) -> str:
+    return f"{name}: not a ratio between 0 and 2 (got {text!r}). yem uses its own watermarks; unset it or give 0.9."
+
+
+def _ratio(text: str) -> float | None:
+    """A watermark ratio torch accepts (0 to 2), or None."""
     try:
-        value = float(text) if text is not None else None
+        value = float(text)
     except ValueError:
         return None
-    return value if value is not None and value >= 0 else None
+    return value if 0 <= value <= TORCH_MAX_WATERMARK else None
 
 
 def _text(ratio: float) -> str:

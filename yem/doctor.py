@@ -112,7 +112,7 @@ def format_report(report: Report) -> str:
         lines.append(f"  {verdict.stage:<8} {gib(verdict.needs):>10}  {word:<5}  largest part: {verdict.largest}")
     if report.train_note:
         lines.append(f"  train: {report.train_note}")
-    advice = [line for verdict in report.stages for line in verdict.advice]
+    advice = list(dict.fromkeys(line for verdict in report.stages for line in verdict.advice))  # once each
     if advice:
         lines += ["", "Advice"] + [f"  - {line}" for line in advice]
     return "\n".join(lines) + "\n"
@@ -141,7 +141,8 @@ def _memory_rows(report: Report) -> list[tuple[str, str]]:
     elif r.backend == "cuda":
         rows.append(("card", gib(r.device_total or 0)))
     if r.pressure_level is not None:
-        rows.append(("pressure", {1: "normal", 2: "warning", 4: "critical"}.get(r.pressure_level, str(r.pressure_level))))
+        level = {1: "normal", 2: "warning", 4: "critical"}.get(r.pressure_level, str(r.pressure_level))
+        rows.append(("pressure", level))
     return rows + [("budget", f"{gib(report.budget.bytes)}: {report.budget.why}")]
 
 

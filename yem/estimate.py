@@ -2,43 +2,49 @@
 
 Sizes come from the model's files when they are on disk (transformer/config.json for the architecture, safetensors
 headers for exact parameter counts: no weights are read) and otherwise from the known SD3 family
-(`KNOWN_MODELS`, parameter counts from diffusers/transformers models instantiated on the meta device). The
+(`KNOWN_MODELS`: parameters and stored buffers of the diffusers/transformers models built on the meta device). The
 stages, as yem runs them (s = bytes per element of the chosen dtype):
 
-  encode   the largest text encoder, alone in memory: T5-XXL's 4.89 B params are 9.8 GB in fp16 (19.6 GB in fp32,
-           which is what a CPU uses), plus the activations of one chunk of 8 prompts
+  encode   the largest text encoder, alone in memory: T5-XXL's 4.76 B params are 9.5 GB in fp16 (19 GB in fp32,
+           which is what a CPU uses), plus 24 s per token × width for one chunk of 8 prompts
   latents  the VAE in fp32 + its encoder's activations at the training resolution
   train    the transformer at s + LoRA params, grads and AdamW state (16 B per param, all fp32) + the cached latents
            and embeddings + the activations kept for the backward pass (the formula below)
   render   the transformer and the VAE at s + the larger of one transformer call (batch 2: classifier-free
            guidance) and one VAE decode
 
-Activation formula. With W = heads × head_dim, T = image tokens (resolution / 8 / patch)² + text tokens
-(77 CLIP + encode.max_sequence_length T5; zeros without T5 but still there), B = batch, L = layers, all counts in
-elements of a (B, T, W) hidden state ("units", u = B·T·W):
+Activation formula. With W = heads × head_dim, image tokens I = (resolution / 8 / patch)², text tokens
+X = 77 CLIP + encode.max_sequence_length T5 (zeros without T5, but still there), T = I + X, B = batch, L = layers;
+counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
 
-  kept per block        (6.3 s + 5.6·4) u     activations autograd keeps; the fp32 part is peft's LoRA path
+  kept per block        (6.1 s + 6.1·4) i      activations autograd keeps for the image stream; the fp32 part is
+                        + 8.5 s x              peft's LoRA path (the LoRA targets sit on the image stream only)
                         + 3.0·4 u if qk_norm   (RMSNorm computes in fp32)
-                        + (1.4 s + 2.8·4) u    for an MMDiT-X block's second attention (SD3.5-medium: 13 blocks)
-  backward working set  8.3 s u               gradients in flight for one block
+                        + (1.4 s + 2.8·4) i    for an MMDiT-X block's second attention (SD3.5-medium: 13 blocks)
+  backward working set  8.3 s u                gradients in flight for one block
   checkpointing         keeps 1.3 s u per block (its inputs) and recomputes one block at a time in backward
-  attention scores      B × heads × T² × s per block where SDPA keeps the softmax (MPS: its attention runs as
-                        a composite op), and 2.5 × that for one block in backward; flash/efficient kernels (CUDA,
-                        CPU) keep O(T) instead
-  render, per call      12.3 s u for the batch of 2, + 2 × one block's scores on MPS
-  VAE                   encode 5, decode 6 elements per pixel × its first block's width (128 in SD3), + twice
-                        the mid-block's (resolution/8)⁴ attention scores on MPS
+  attention scores      where attention runs as torch's math composite (MPS), every block keeps its (T × T)
+                        probabilities in fp32 whatever the dtype, B × heads × T² × 4 bytes, and backward needs
+                        2.9 × that for one block; flash/efficient kernels (CUDA, CPU) keep O(T) instead
+  render, per call      14 s u for the batch of 2, + 2.3 × one block's scores on MPS
+  VAE                   encode and decode 6 fp32 elements per pixel × its first block's width (128 in SD3), or
+                        twice the mid-block's (resolution/8)⁴ fp32 attention scores on MPS if larger
 
 Where the constants come from: the per-block, backward and render ones were measured on the CPU (torch 2.13,
 diffusers 0.42, peft LoRA on attn.to_q/k/v/out.0, fp32 and bf16) by counting the bytes of every live tensor with
 a TorchDispatchMode (and the kept ones with saved_tensors_hooks) in forward + backward of SD3Transformer2DModel
-with 4-8 blocks, width 256-512, 1101 tokens; they were linear in L, T, W and B to within 5 %. The VAE ones by the
-same count on SD3's VAE at 64-256 px (exactly 5.0 and 6.0). The 2.5 for the scores in backward matches
-SimpleTuner's MPS measurement of one attention (H 24, 6144 tokens, fp32: 11.98 GiB peak = 1 kept + 2.55
-transient score matrices). tests/test_estimate.py re-measures a different configuration the same way. These are
-tensor bytes: allocators hold more. On the CPU, glibc kept 2.2× the live activations in RSS
-(`ALLOCATOR_OVERHEAD`); the MPS and CUDA caches are covered by the budget's and the batch planner's margins.
-The text tokens are charged like image tokens (they keep ~2/3 as much: LoRA sits on the image stream only).
+with 4-8 blocks, width 256-512, 1024 image and 16-300 text tokens; they were linear in L, I, X, W and B to within
+5 %. On an H100 (torch 2.11, bf16, the SD3-medium architecture with random weights, 512 and 1024 px, batch 1-4)
+the formula matched torch.cuda.max_memory_allocated within 1 % without checkpointing and was 16 % over with it.
+The score constants come from the same H100 runs with SDPA forced to the math backend (within 4 %); SimpleTuner's
+MPS measurement of one fp32 attention (H 24, 6144 tokens: 11.98 GiB = 1 kept + 2.55 transient score matrices)
+agrees within 10 %, but no SD3 step has been measured on a Mac. Render, VAE and T5 were measured on the same H100
+(SD3-medium, SD3's VAE and T5-XXL with random weights, 512 and 1024 px); the GPU needed more than the CPU's
+live-tensor count (12.3, 5.0 and 6.0 elements: cuBLAS/cuDNN workspaces, and diffusers' VAE upsamplers compute in
+fp32 for bf16 inputs), so the constants are the GPU's. tests/test_estimate.py re-measures a configuration the
+formula was not fitted on. These are tensor bytes: allocators hold more. On the CPU, glibc kept 2.2× the live
+activations in RSS (`ALLOCATOR_OVERHEAD`); the MPS and CUDA caches are covered by the budget's and the batch
+planner's margins.
 """
 
 import json
@@ -56,16 +62,21 @@ ENCODE_CHUNK = 8  # prompts per text-encoder call (yem.text.CHUNK)
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
 LATENT_CHANNELS, VAE_SCALE = 16, 8
 
-KEPT_AT_DTYPE, KEPT_FP32 = 6.3, 5.6
+KEPT_IMAGE_AT_DTYPE, KEPT_IMAGE_FP32, KEPT_TEXT_AT_DTYPE = 6.1, 6.1, 8.5
 QK_NORM_FP32 = 3.0
 DUAL_AT_DTYPE, DUAL_FP32 = 1.4, 2.8
 BACKWARD_AT_DTYPE = 8.3
 CHECKPOINT_AT_DTYPE = 1.3
-SCORES_BACKWARD = 2.5
-RENDER_AT_DTYPE = 12.3
-VAE_ENCODE_PER_PIXEL, VAE_DECODE_PER_PIXEL = 5.0, 6.0
+SCORE_BYTES = 4  # the math composite keeps softmax probabilities in fp32, even for bf16/fp16 inputs
+SCORES_BACKWARD = 2.9
+RENDER_AT_DTYPE = 14.0
+RENDER_SCORES = 2.3
+ENCODER_AT_DTYPE = 24.0  # per token × width of the text encoder, one chunk
+VAE_ENCODE_PER_PIXEL = VAE_DECODE_PER_PIXEL = 6.0  # fp32 elements per pixel × the VAE's first width
 ALLOCATOR_OVERHEAD = {"cpu": 2.2, "mps": 1.0, "cuda": 1.0}  # applied to activations
-KEEPS_SCORES = {"mps"}  # backends whose SDPA keeps the (T × T) softmax for backward
+TIGHT = 0.85  # of the limit: an estimate this close may well not fit (allocator caches, other apps)
+ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
+KEEPS_SCORES = {"mps"}  # backends whose attention keeps the (T × T) softmax for backward (the math composite)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +99,11 @@ class Architecture:
         return self.heads * self.head_dim
 
 
-# SD3's text encoders and VAE, shared by every SD3 and SD3.5 model (diffusers notes §4).
-SD3_TEXT_ENCODERS = {"clip_l": (123_650_000, 768), "clip_g": (694_660_000, 1280), "t5": (4_894_000_000, 4096)}
-SD3_VAE_PARAMS = 83_820_000
+# SD3's text encoders and VAE, shared by every SD3 and SD3.5 model, counted on the meta device from the configs in
+# notes/diffusers.md §4 (transformers 5.24, diffusers 0.42). T5's input embedding is tied to `shared` and held once:
+# 4.76 B params, 9.5 GB in fp16 (the 4.89 B in the notes counts that 131.6 M embedding twice).
+SD3_TEXT_ENCODERS = {"clip_l": (123_650_304, 768), "clip_g": (694_659_840, 1280), "t5": (4_762_310_656, 4096)}
+SD3_VAE_PARAMS = 83_819_683
 
 
 def _sd3(name: str, layers: int, transformer: int, pos_embed: int, qk_norm: bool, dual: int) -> Architecture:
@@ -99,10 +112,10 @@ def _sd3(name: str, layers: int, transformer: int, pos_embed: int, qk_norm: bool
                         vae_params=SD3_VAE_PARAMS, vae_width=128, text_encoders=dict(SD3_TEXT_ENCODERS))
 
 
-_SD35_LARGE = _sd3("SD3.5-large", 38, 8_057_000_000, 89_700_000, True, 0)
+_SD35_LARGE = _sd3("SD3.5-large", 38, 8_056_627_520, 89_653_248, True, 0)
 KNOWN_MODELS = {
-    "stabilityai/stable-diffusion-3-medium-diffusers": _sd3("SD3-medium", 24, 2_028_000_000, 56_600_000, False, 0),
-    "stabilityai/stable-diffusion-3.5-medium": _sd3("SD3.5-medium", 24, 2_243_000_000, 226_500_000, True, 13),
+    "stabilityai/stable-diffusion-3-medium-diffusers": _sd3("SD3-medium", 24, 2_028_328_000, 56_623_104, False, 0),
+    "stabilityai/stable-diffusion-3.5-medium": _sd3("SD3.5-medium", 24, 2_243_171_520, 226_492_416, True, 13),
     "stabilityai/stable-diffusion-3.5-large": _SD35_LARGE,
     "stabilityai/stable-diffusion-3.5-large-turbo": replace(_SD35_LARGE, name="SD3.5-large-turbo"),
 }
@@ -239,18 +252,15 @@ def encode_stage(arch: Architecture, work: Workload) -> StageEstimate:
     name = max(used, key=lambda k: used[k][0])
     params, width = used[name]
     tokens = work.t5_tokens if name == "t5" else CLIP_TOKENS
-    activations = RENDER_AT_DTYPE * ENCODE_CHUNK * tokens * width * work.dtype_bytes
-    return StageEstimate("encode", {f"{_LABELS[name]} weights": params * work.dtype_bytes,
+    activations = ENCODER_AT_DTYPE * ENCODE_CHUNK * tokens * width * work.dtype_bytes
+    return StageEstimate("encode", {f"{ENCODER_LABELS[name]} weights": params * work.dtype_bytes,
                                     "activations": _allocated(activations, work)})
-
-
-_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
 
 
 def latents_stage(arch: Architecture, work: Workload) -> StageEstimate:
     """The VAE encodes one image at a time, in fp32."""
     pixels = work.resolution**2
-    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * pixels * 4, _vae_scores(work.resolution, 4, work))
+    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * pixels * 4, _vae_scores(work.resolution, work))
     return StageEstimate("latents", {"VAE weights (fp32)": arch.vae_params * 4,
                                      "activations": _allocated(activations, work)})
 
@@ -266,9 +276,9 @@ def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
 
 def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
     s, guided = work.dtype_bytes, replace(work, batch_size=2, resolution=work.render_resolution)
-    transformer_call = RENDER_AT_DTYPE * _units(arch, guided) * s + 2 * _scores(arch, guided)
-    decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * work.render_resolution**2 * s,
-                 _vae_scores(work.render_resolution, s, work))
+    transformer_call = RENDER_AT_DTYPE * sum(_units(arch, guided)) * s + RENDER_SCORES * _scores(arch, guided)
+    decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * work.render_resolution**2 * 4,
+                 _vae_scores(work.render_resolution, work))
     return StageEstimate("render", {"transformer + VAE weights": (arch.transformer_params + arch.vae_params) * s,
                                     "LoRA": lora_params(arch, work) * 4,
                                     "activations": _allocated(max(transformer_call, decode), work)})
@@ -276,10 +286,12 @@ def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
 
 def train_activations(arch: Architecture, work: Workload) -> float:
     """Bytes of activations at the peak of one training step (forward + backward), before allocator overhead."""
-    s, units = work.dtype_bytes, _units(arch, work)
-    per_block = units * (KEPT_AT_DTYPE * s + KEPT_FP32 * 4 + (QK_NORM_FP32 * 4 if arch.qk_norm else 0))
+    s, (image, text) = work.dtype_bytes, _units(arch, work)
+    units = image + text
+    per_block = (image * (KEPT_IMAGE_AT_DTYPE * s + KEPT_IMAGE_FP32 * 4) + text * KEPT_TEXT_AT_DTYPE * s
+                 + (units * QK_NORM_FP32 * 4 if arch.qk_norm else 0))
     scores = _scores(arch, work, text=True)
-    dual_block = units * (DUAL_AT_DTYPE * s + DUAL_FP32 * 4) + _scores(arch, work, text=False)
+    dual_block = image * (DUAL_AT_DTYPE * s + DUAL_FP32 * 4) + _scores(arch, work, text=False)
     backward = BACKWARD_AT_DTYPE * units * s + SCORES_BACKWARD * scores
     if work.checkpointing:  # block inputs kept; one block recomputed with everything it keeps
         recomputed = per_block + scores + (dual_block if arch.dual_attention_layers else 0.0)
@@ -287,9 +299,10 @@ def train_activations(arch: Architecture, work: Workload) -> float:
     return arch.layers * (per_block + scores) + arch.dual_attention_layers * dual_block + backward
 
 
-def _units(arch: Architecture, work: Workload) -> int:
+def _units(arch: Architecture, work: Workload) -> tuple[int, int]:
+    """Elements of the image and the text hidden states: (B·I·W, B·X·W)."""
     image_tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2
-    return work.batch_size * (image_tokens + work.text_tokens) * arch.width
+    return work.batch_size * image_tokens * arch.width, work.batch_size * work.text_tokens * arch.width
 
 
 def _scores(arch: Architecture, work: Workload, text: bool = True) -> float:
@@ -298,12 +311,12 @@ def _scores(arch: Architecture, work: Workload, text: bool = True) -> float:
     if work.backend not in KEEPS_SCORES:
         return 0.0
     tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2 + (work.text_tokens if text else 0)
-    return work.batch_size * arch.heads * tokens**2 * work.dtype_bytes
+    return work.batch_size * arch.heads * tokens**2 * SCORE_BYTES
 
 
-def _vae_scores(resolution: int, itemsize: int, work: Workload) -> float:
+def _vae_scores(resolution: int, work: Workload) -> float:
     """The VAE mid-block's single-head attention over (resolution / 8)² positions: scores and softmax."""
-    return 2 * (resolution // VAE_SCALE) ** 4 * itemsize if work.backend in KEEPS_SCORES else 0.0
+    return 2 * (resolution // VAE_SCALE) ** 4 * SCORE_BYTES if work.backend in KEEPS_SCORES else 0.0
 
 
 def _allocated(tensor_bytes: float, work: Workload) -> int:
@@ -330,7 +343,9 @@ def resolve_auto(arch: Architecture, work: Workload, budget: int, train: TrainPa
         notes.append(f"gradient checkpointing {'on' if work.checkpointing else 'off'} (auto: batch "
                      f"{work.batch_size} needs {gib(without)} without it)")
     if train.batch_size == "auto":
-        notes.append(f"batch auto: about {largest_batch(arch, work, budget)} per step expected")
+        expected = largest_batch(arch, work, budget)
+        notes.append(f"batch auto: about {expected} per step expected" if expected else
+                     "batch auto: not even 1 per step is expected to fit")
     return work, "; ".join(notes)
 
 
@@ -340,9 +355,6 @@ def largest_batch(arch: Architecture, work: Workload, budget: int) -> int:
     per_image = train_stage(arch, replace(work, batch_size=2)).total - one
     limit = budget * PLAN_MARGIN
     return 0 if one > limit else min(MAX_AUTO_BATCH, 1 + int((limit - one) / per_image))
-
-
-TIGHT = 0.85  # of the limit: an estimate this close may well not fit (allocator caches, other apps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,8 +393,8 @@ def advise(stage: str, arch: Architecture, work: Workload, budget: int, machine:
         advice.append(f"{machine}: set {setting} ({stage} then needs {gib(needs)}, {verdict} the {gib(budget)} budget)")
     weights = sum(size for part, size in STAGES[stage](arch, work).parts.items() if "weights" in part)
     if stage in ("train", "render") and weights > _limit(stage, budget):
-        advice.append(f"{machine}: the {arch.name} weights alone exceed the budget; train a smaller base (SD3.5 "
-                      f"medium rather than large; yem does not quantize the base yet) or use a machine with more memory")
+        advice.append(f"{machine}: the {arch.name} weights alone exceed the budget; use a smaller base model (SD3.5 "
+                      f"medium rather than large; yem does not quantize the base yet) or a machine with more memory")
     return advice
 
 
@@ -401,7 +413,9 @@ def _changes(stage: str, work: Workload) -> list[tuple[str, Workload]]:
     found = [] if work.checkpointing else [("train.gradient_checkpointing: auto", replace(work, checkpointing=True))]
     if work.batch_size > 1:
         found.append(("train.batch_size: auto", replace(work, batch_size=1)))
-    return found + [(f"data.resolution: {half}", replace(work, resolution=half, render_resolution=half))]
+    smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
+    also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
+    return found + [(f"data.resolution: {half}{also}", smaller)]
 
 
 def _half(resolution: int) -> int:

@@ -86,7 +86,8 @@ class SystemMemory:
     def __init__(self, torch_module: Any = None, psutil_module: Any = psutil, platform: str = sys.platform,
                  cgroup_files: Sequence[Path] = (Path("/sys/fs/cgroup/memory.max"),
                                                  Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))):
-        self._torch, self._psutil, self._platform, self._cgroup_files = torch_module, psutil_module, platform, cgroup_files
+        self._torch, self._psutil, self._platform = torch_module, psutil_module, platform
+        self._cgroup_files = cgroup_files
 
     def ram(self) -> tuple[int, int]:
         vm = self._psutil.virtual_memory()
@@ -123,6 +124,12 @@ def read(backend: str, source: MemorySource | None = None) -> Readings:
                     device_total=source.device_memory(backend), pressure_level=source.pressure_level())
 
 
+def total_bytes(backend: str) -> int:
+    """The device's memory: the card's on CUDA; RAM on the CPU and on Apple Silicon (unified memory)."""
+    readings = read(backend)
+    return readings.device_total if backend == "cuda" and readings.device_total else readings.total_ram
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
     bytes: int
@@ -141,7 +148,8 @@ def budget(readings: Readings, limit_gib: float | None = None) -> Budget:
         automatic = Budget(int(card * CUDA_SHARE), f"{CUDA_SHARE:.0%} of the {gib(card)} card")
     else:
         reserve = max(OS_RESERVE_MIN, int(readings.total_ram * OS_RESERVE_SHARE))
-        automatic = Budget(readings.total_ram - reserve, f"{gib(readings.total_ram)} RAM less {gib(reserve)} for the OS")
+        automatic = Budget(readings.total_ram - reserve,
+                           f"{gib(readings.total_ram)} RAM less {gib(reserve)} for the OS")
     if limit_gib is not None and limit_gib * GIB < automatic.bytes:
         return Budget(int(limit_gib * GIB), f"device.memory_limit_gib (automatic: {gib(automatic.bytes)}, "
                                             f"{automatic.why})")
@@ -320,3 +328,4 @@ def _import_torch():
     import torch
 
     return torch
+
