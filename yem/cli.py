@@ -134,3 +134,17 @@ def push(repo_id: str, private: bool, dist: Path) -> None:
     except YemError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"uploaded {dist} to {url}", err=True)
+
+
+@main.command()
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+def doctor(params_path: Path) -> None:
+    """Explain this machine: device, precision, memory budget, and whether each stage of params.yaml fits."""
+    from yem.doctor import format_report, gather
+    from yem.params import load_params
+
+    try:
+        params = load_params(params_path) if params_path.exists() else None
+        click.echo(format_report(gather(params)), nl=False)
+    except YemError as e:
+        raise click.ClickException(str(e)) from None

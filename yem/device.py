@@ -3,11 +3,19 @@
 The precision is chosen by probing the device (a small matmul + backward in bf16 and fp16, checked finite and
 close to fp32), not from a table of chip and OS versions. On CPU yem trains in fp32: half precision there is
 emulated and slower.
+
+Some settings are read once, when torch is imported: `configure_environment()` sets them first (the stages
+package and `yem doctor` call it before any torch import). They include the MPS allocator's watermark pair (see
+`mps_watermarks`), and `cpu_fallbacks()` collects the ops that MPS then runs on the CPU.
 """
 
 import os
+import re
+import sys
 import time
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Literal
 
 from yem.errors import HardwareError
@@ -19,14 +27,106 @@ PROBE_TOLERANCE = 3e-2
 # Prefer bf16 (fp32's exponent range: no overflow) unless fp16 is clearly faster, as on chips that emulate bf16.
 FP16_PREFERRED_SPEEDUP = 1.5
 
+MPS_HIGH_WATERMARK = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
+MPS_LOW_WATERMARK = "PYTORCH_MPS_LOW_WATERMARK_RATIO"
+# Both ratios multiply Metal's recommended working set. High is the hard limit (torch's default 1.7 exceeds the RAM
+# of most Macs, so overcommit swaps instead of failing); yem's is its memory budget (memory.MPS_SHARE).
+YEM_HIGH_WATERMARK = 0.9
+# Low is the soft limit above which the allocator frees cached blocks; yem keeps torch's own 1.4 : 1.7 proportion.
+LOW_PER_HIGH = 1.4 / 1.7
+TORCH_LOW_WATERMARK, TORCH_MAX_WATERMARK = 1.4, 2.0  # torch's unified-memory default; the allowed maximum
+_FALLBACK_WARNING = re.compile(r"The operator '([^']+)' is not currently supported on the MPS backend and will "
+                               r"fall back to run on the CPU")
 
-def configure_environment() -> None:
+
+def configure_environment(platform: str = sys.platform) -> None:
     """Set allocator and fallback variables; must run before torch is imported (torch reads them at import)."""
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # unsupported MPS ops run on the CPU, logged
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # yem shows one bar per phase instead
+    if platform == "darwin":
+        updates, note = mps_watermarks(os.environ)
+        os.environ.update(updates)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+
+
+def mps_watermarks(env: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The watermark variables to set so that torch accepts the pair, and a note when yours had to change.
+
+    torch checks 0 <= high <= 2 and 0 <= low <= high (or <= 2 when high is 0, "unlimited") when the MPS allocator
+    starts, and dies with "invalid low watermark ratio 1.4" when only a high ratio below 1.4 is set. So yem sets
+    both or neither: its own pair when you set none, and a low ratio that fits under yours when you set only high.
+    """
+    high_text, low_text = env.get(MPS_HIGH_WATERMARK), env.get(MPS_LOW_WATERMARK)
+    if high_text is None and low_text is None:
+        return _yem_watermarks(), None
+    if high_text is None:  # only low: yem's hard limit, raised where needed to stay above it
+        low = _ratio(low_text)
+        if low is None:
+            return _yem_watermarks(), _not_a_ratio(MPS_LOW_WATERMARK, low_text)
+        return {MPS_HIGH_WATERMARK: _text(max(YEM_HIGH_WATERMARK, low))}, None
+    high = _ratio(high_text)
+    if high is None:
+        return _yem_watermarks(), _not_a_ratio(MPS_HIGH_WATERMARK, high_text)
+    limit = high or TORCH_MAX_WATERMARK  # high 0: no hard limit
+    low = TORCH_LOW_WATERMARK if low_text is None else _ratio(low_text)
+    if low is not None and low <= limit:
+        return {}, None
+    fitted = {MPS_LOW_WATERMARK: _text(limit * LOW_PER_HIGH)}
+    if low_text is None:  # the trap: torch's default low (1.4) above a high below 1.4
+        return fitted, None
+    return fitted, (f"{MPS_LOW_WATERMARK}: must not exceed {MPS_HIGH_WATERMARK} ({high_text}) (got {low_text!r}). "
+                    f"yem uses {fitted[MPS_LOW_WATERMARK]}; fix or unset it.")
+
+
+def user_high_watermark(env: Mapping[str, str]) -> bool:
+    """Whether the MPS hard limit in the environment is someone else's choice rather than yem's."""
+    return env.get(MPS_HIGH_WATERMARK, _text(YEM_HIGH_WATERMARK)) != _text(YEM_HIGH_WATERMARK)
+
+
+def _yem_watermarks() -> dict[str, str]:
+    return {MPS_HIGH_WATERMARK: _text(YEM_HIGH_WATERMARK), MPS_LOW_WATERMARK: _text(YEM_HIGH_WATERMARK * LOW_PER_HIGH)}
+
+
+def _not_a_ratio(name: str, text: str) -> str:
+    return f"{name}: not a ratio between 0 and 2 (got {text!r}). yem uses its own watermarks; unset it or give 0.9."
+
+
+def _ratio(text: str) -> float | None:
+    """A watermark ratio torch accepts (0 to 2), or None."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 <= value <= TORCH_MAX_WATERMARK else None
+
+
+def _text(ratio: float) -> str:
+    return f"{ratio:.3f}".rstrip("0").rstrip(".")
+
+
+@contextmanager
+def cpu_fallbacks() -> Iterator[list[str]]:
+    """Collect the operators MPS ran on the CPU ('aten::…'), from torch's "will fall back to run on the CPU"
+    warning, into the yielded list; other warnings pass through. torch warns once per process (TORCH_WARN_ONCE),
+    so wrap the whole stage, from before the first MPS op, to see it."""
+    found: list[str] = []
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.filterwarnings("always", message=_FALLBACK_WARNING.pattern, category=UserWarning)
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            match = _FALLBACK_WARNING.search(str(message))
+            if match is None:
+                shown(message, category, filename, lineno, file, line)
+            elif match.group(1) not in found:
+                found.append(match.group(1))
+
+        warnings.showwarning = show
+        yield found
 
 
 def pick_backend(requested: str) -> Backend:
@@ -51,7 +151,16 @@ def device_name(backend: Backend) -> str:
         return torch.cuda.get_device_name(0)
     if backend == "mps":
         return _apple_chip() or "Apple GPU"
-    return platform.processor() or platform.machine()
+    found = _apple_chip() if sys.platform == "darwin" else _linux_cpu()
+    return found or platform.processor() or platform.machine()
+
+
+def _linux_cpu() -> str | None:
+    try:
+        lines = open("/proc/cpuinfo", encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def pick_dtype(backend: Backend, requested: str) -> str:
@@ -121,6 +230,7 @@ def synchronize(backend: Backend) -> None:
 
 
 def empty_cache(backend: Backend) -> None:
+    """Free what the process no longer uses, so the next phase (and any memory reading) starts clean."""
     import gc
 
     import torch
@@ -130,6 +240,20 @@ def empty_cache(backend: Backend) -> None:
         torch.cuda.empty_cache()
     elif backend == "mps":
         torch.mps.empty_cache()
+    else:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed heap memory in the process (RSS stays high); malloc_trim hands it back to the OS."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _apple_chip() -> str | None:

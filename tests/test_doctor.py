@@ -1,0 +1,118 @@
+"""`yem doctor`: the report for replayed machines, the command for real on this one, and the CPU-fallback
+collector fed torch's own warning text."""
+
+import dataclasses
+import warnings
+from types import SimpleNamespace
+
+from click.testing import CliRunner
+
+from tests.test_memory import MAC_16, MAC_64, LINUX_BOX
+from yem import device, doctor, estimate, memory
+from yem.cli import main
+from yem.params import set_values
+
+SD3_MEDIUM = estimate.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
+MAC_WATERMARKS = device.mps_watermarks({})[0]
+# MPSFallback.mm's text as Python shows it (one op per process: TORCH_WARN_ONCE).
+FALLBACK = ("The operator 'aten::_linalg_solve_ex.result' is not currently supported on the MPS backend and will "
+            "fall back to run on the CPU. This may have performance implications. (Triggered internally at "
+            "/Users/runner/work/pytorch/pytorch/pytorch/aten/src/ATen/mps/MPSFallback.mm:13.)")
+
+
+def mac_report(readings: memory.Readings, fallbacks: tuple[str, ...] = ()) -> doctor.Report:
+    """What `gather` would find on a Mac running SD3-medium at 1024 px with auto batch and checkpointing."""
+    budget = memory.budget(readings)
+    work = estimate.Workload(backend="mps", dtype_bytes=2, resolution=1024, render_resolution=1024, batch_size=1,
+                             checkpointing=False, rank=4, targets=4, use_t5=True, t5_tokens=77)
+    auto = SimpleNamespace(batch_size="auto", gradient_checkpointing="auto")
+    work, note = estimate.resolve_auto(SD3_MEDIUM, work, budget.bytes, auto)
+    label = doctor.machine_label(readings)
+    return doctor.Report(
+        backend="mps", requested="auto", chip="Apple M2", system="macOS 14.5 (arm64), Python 3.11.9",
+        libraries="torch 2.6.0, diffusers 0.42.1, peft 0.21.2",
+        precision=doctor.Precision(bf16=True, fp16=True, choice="float16", fallbacks=fallbacks),
+        readings=readings, budget=budget, watermarks=MAC_WATERMARKS, thermal="nominal (macOS thermal state)",
+        workload="SD3-medium at 1024 px, float16, batch auto",
+        stages=tuple(estimate.verdicts(SD3_MEDIUM, work, budget.bytes, label)), train_note=note, problem=None)
+
+
+def test_16gb_mac_report_explains_the_budget_and_what_to_change():
+    text = doctor.format_report(mac_report(MAC_16, fallbacks=("aten::_linalg_solve_ex.result",)))
+    assert "16.0 GiB total" in text and "working set" in text and "10.7 GiB" in text
+    assert f"{memory.gib(memory.budget(MAC_16).bytes)}: 90% of the 10.7 GiB Metal working set" in text
+    assert "bf16 pass, fp16 pass -> float16" in text and "aten::_linalg_solve_ex.result" in text
+    assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.9" in text and "pressure     normal" in text
+    assert "gradient checkpointing on" in text  # auto decided it, as training will
+    stages = {line.split()[0]: line for line in text.splitlines()[text.splitlines().index(
+        "Stages (SD3-medium at 1024 px, float16, batch auto)") + 1:][:4]}
+    assert set(stages) == {"encode", "latents", "train", "render"}
+    assert " tight " in stages["encode"] or " over " in stages["encode"]
+    assert "  - 16 GB Mac: set encode.use_t5: false" in text
+
+
+def test_64gb_mac_report_has_no_advice():
+    text = doctor.format_report(mac_report(MAC_64))
+    assert "Advice" not in text and text.count(" fits ") == 4
+    assert "64 GB Mac" == doctor.machine_label(MAC_64)
+
+
+def test_machine_labels():
+    assert doctor.machine_label(MAC_16) == "16 GB Mac"
+    assert doctor.machine_label(LINUX_BOX) == "24 GB CPU machine"
+    cuda = dataclasses.replace(LINUX_BOX, backend="cuda", device_total=80 * memory.GIB)
+    assert doctor.machine_label(cuda) == "80 GB CUDA card"
+
+
+def test_doctor_runs_for_real_on_this_machine(tiny_model_dir):
+    result = CliRunner().invoke(main, ["doctor", "--params", "params.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "backend      cpu" in result.output and "budget" in result.output
+    for stage in ("encode", "latents", "train", "render"):
+        assert any(line.split()[:1] == [stage] and " fits " in line for line in result.output.splitlines()), stage
+    assert "the CPU trains in fp32" in result.output
+
+
+def test_doctor_without_params_reports_the_hardware(tmp_path):
+    result = CliRunner().invoke(main, ["doctor", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "not estimated: no params.yaml" in result.output and "budget" in result.output
+
+
+def test_doctor_says_what_to_change_when_the_limit_is_small(tmp_path, tiny_model_dir):
+    import shutil
+
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    set_values(tmp_path / "params.yaml", {"device.memory_limit_gib": 0.005, "data.resolution": 1024})
+    result = CliRunner().invoke(main, ["doctor", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "device.memory_limit_gib" in result.output and " over " in result.output
+    assert "Advice" in result.output and "set data.resolution: 512" in result.output
+
+
+def test_cpu_fallbacks_are_collected_once_and_other_warnings_still_show():
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest, **kw: shown.append(str(message))
+        with device.cpu_fallbacks() as fell_back:
+            for _ in range(3):
+                warnings.warn(FALLBACK, UserWarning)
+            warnings.warn("The operator 'aten::col2im' is not currently supported on the MPS backend and will fall "
+                          "back to run on the CPU. This may have performance implications.", UserWarning)
+            warnings.warn("something else", UserWarning)
+    assert fell_back == ["aten::_linalg_solve_ex.result", "aten::col2im"]
+    assert shown == ["something else"]
+
+
+def test_the_thermal_line_uses_yem_thermal_when_there_is_one(monkeypatch):
+    import sys
+
+    state = SimpleNamespace(label="serious")
+    fake = SimpleNamespace(detect=lambda backend: SimpleNamespace(
+        read=lambda: SimpleNamespace(state=state, detail=f"{backend}: GPU 91 °C")))
+    monkeypatch.setitem(sys.modules, "yem.thermal", fake)
+    monkeypatch.delattr("yem.thermal", raising=False)
+    assert doctor._thermal("cuda") == "serious (cuda: GPU 91 °C)"
