@@ -34,6 +34,7 @@ ARCHITECTURES = {  # diffusers SD3Transformer2DModel configs (see notes/diffuser
                          qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
     "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
                         qk_norm="rms_norm"),
+    "smoke": dict(num_layers=2, num_attention_heads=2, caption_projection_dim=128, pos_embed_max_size=192),  # CPU check
 }
 COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
               joint_attention_dim=4096, pooled_projection_dim=2048)
@@ -42,6 +43,7 @@ VARIANTS = {"eager": dict(compile=False, gradient_checkpointing=False),
             "compiled": dict(compile=True, gradient_checkpointing=False),
             "checkpointed": dict(compile=False, gradient_checkpointing=True),
             "compiled+checkpointed": dict(compile=True, gradient_checkpointing=True),
+            "compiled+graphs": dict(compile=True, gradient_checkpointing=False),  # mode reduce-overhead
             # the diffusers example's step (benchmarks/reference_step.py), for the side-by-side ratio
             "reference": {}, "reference+checkpointed": {}, "reference+vae": {}}
 VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
@@ -54,9 +56,14 @@ def build_transformer(name: str, dtype: torch.dtype, device: str):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
-    with torch.device(device):
-        model = SD3Transformer2DModel(**COMMON, **ARCHITECTURES[name])
-    return model.to(dtype).requires_grad_(False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the training dtype: no fp32 copy, as loading would do
+    try:
+        with torch.device(device):
+            model = SD3Transformer2DModel(**COMMON, **ARCHITECTURES[name])
+    finally:
+        torch.set_default_dtype(default)
+    return model.requires_grad_(False)
 
 
 def synthetic_set(count: int, resolution: int, device: str):
@@ -106,6 +113,7 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
                                    variant == "reference+checkpointed", vae, pixels)
         return lambda number: reference_step.step(run, number)
     heat = ThermalParams(policy="ignore", max_pause_s=0)
+    train.COMPILE_MODES["cuda"] = "reduce-overhead" if variant == "compiled+graphs" else "default"
     run = train.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
                          settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={})
     return lambda number: train.update(run, number)
@@ -117,8 +125,9 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
 
     device, dtype = args.device, getattr(torch, args.dtype)
     accelerator = train.make_accelerator(device, ThermalParams(policy="ignore", max_pause_s=0))
-    memory.reset_peak(device)
+    torch._dynamo.reset()  # each row compiles afresh: no cache (or cache limit) carried from the previous row
     step = make_step(args, variant, resolution, accelerator, dtype)
+    memory.reset_peak(device)  # weights stay counted (allocated now); the peak is the training step's
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device, lambda: None)
     started = time.perf_counter()
     for number in range(args.warmup):
@@ -138,7 +147,9 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
     import gc
 
     gc.collect()
-    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return row
 
 

@@ -1,12 +1,13 @@
 """Stage 4, train: the LoRA on cached latents and embeddings; checkpointed, resumes after an interruption."""
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
 from stages import reported
-from yem import metrics
+from yem import launch, metrics
 from yem.params import load_params
 from yem.train import run_training
 
@@ -25,8 +26,13 @@ def main(params_path: Path, hardware: Path, latents: Path, embeds: Path, out: Pa
          steps_log: Path) -> None:
     with reported():
         params = load_params(params_path)
-        result = run_training(params.model, params.train, json.loads(hardware.read_text()), latents, embeds, out,
-                              params.root, params.thermal)
+        facts = json.loads(hardware.read_text())
+        processes = launch.process_count(params.train.devices, facts["backend"])
+        if processes > 1 and not launch.inside_launch():  # DDP: the same command in every process
+            sys.exit(launch.relaunch("stages.train", sys.argv[1:], processes))
+        result = run_training(params.model, params.train, facts, latents, embeds, out, params.root, params.thermal)
+    if result is None:
+        return  # not the main process: it writes nothing
     metrics.write_json(metrics_path, result.metrics())
     metrics.write_tsv(steps_log, result.rows)
 

@@ -31,7 +31,8 @@ def test_every_batch_pairs_latents_with_their_own_caption(tmp_path):
     for seed in range(5):
         for step in range(12):
             index, flip = positions(population, seed, repeats=2, start=step * 3, count=3)
-            batch = make_batch(data, index, flip, 1.0, generator)
+            seeds = list(range(step * 3, step * 3 + 3))
+            batch = make_batch(data, index, flip, seeds, 1.0, lambda g: torch.rand(1, generator=g), generator)
             image_number = batch.x0.flatten(1)[:, 0].abs()  # flipped copies hold -i
             assert torch.equal(image_number + 1000, batch.joint[:, 0, 0])
             assert torch.equal(image_number + 2000, batch.pooled[:, 0])
@@ -46,3 +47,19 @@ def test_each_epoch_shows_every_image_repeats_times_in_a_seeded_order():
     assert not torch.equal(first, second)  # reshuffled each epoch
     again, _ = positions(population, seed=3, repeats=2, start=4, count=9)  # any window, same stream
     assert torch.equal(again, torch.cat([first, second])[4:13])
+
+
+def test_a_sample_draws_the_same_noise_in_any_batch_split(tmp_path):
+    """Batch 4 in one micro-batch, 2 × 2, or split over 2 processes: each sample gets identical randomness."""
+    from yem.trainset import micro_batch
+
+    data = load_training_set(*write_caches(tmp_path, 5), torch.device("cpu"))
+    draw_u = lambda g: torch.rand(1, generator=g)  # noqa: E731
+    generator = torch.Generator()
+    whole = micro_batch(data, 3, 0, 1, 4, seed=7, repeats=1, prior_weight=1.0, draw_u=draw_u, generator=generator)
+    halves = [micro_batch(data, 6 + i, 0, 1, 2, 7, 1, 1.0, draw_u, generator) for i in range(2)]
+    ranks = [micro_batch(data, 3, r, 2, 2, 7, 1, 1.0, draw_u, generator) for r in range(2)]
+    for split in (halves, ranks):
+        assert torch.equal(whole.x0, torch.cat([b.x0 for b in split]))
+        assert torch.equal(whole.noise, torch.cat([b.noise for b in split]))
+        assert torch.equal(whole.u, torch.cat([b.u for b in split]))

@@ -91,3 +91,21 @@ def test_experiment_reruns_only_what_the_param_touches(project):
     table = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout)
     names = [exp.get("name") for row in table for exp in row.get("experiments") or [] for exp in exp["revs"]]
     assert "rank2" in names
+
+
+def test_a_fresh_clone_restores_everything_from_a_shared_remote(project, tmp_path):
+    """One machine pushes the cache and run-cache; a fresh clone pulls them and `dvc repro` runs no stage
+    (beyond the always-run probe): embeddings, latents, LoRA, renders and the card come from the remote."""
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = tmp_path / "remote"
+    run([*dvc, "remote", "add", "-d", "shared", str(remote)], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-q", "-m", "results and remote"], project)
+    run([*dvc, "push", "--run-cache"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run([*dvc, "pull", "--run-cache"], clone)
+    assert repro(clone) == ALWAYS
+    for path in ("build/embeds/index.json", "build/latents/index.json", "build/lora/pytorch_lora_weights.safetensors",
+                 "build/validation/grid.png", "dist/README.md"):
+        assert (clone / path).read_bytes() == (project / path).read_bytes(), path

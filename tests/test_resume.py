@@ -302,3 +302,26 @@ def test_critical_heat_stops_with_a_checkpoint_and_the_rerun_resumes(cached_proj
     resumed = attempt(ReplayedSensor(T.NOMINAL))
     assert resumed.resumed_from == 8
     assert_same_run(root / "reference", root / "critical", reference.rows, resumed.rows)
+
+
+def test_batch_size_auto_plans_then_backs_off_on_out_of_memory_with_the_same_result(cached_project, monkeypatch):
+    """auto plans batch 4 (the whole effective batch fits); a MemoryError at step 6 halves it to 2 × 2: the step
+    covers the same samples with the same noise, so the weights match a fixed 4 × 1 run."""
+    import yem.train
+
+    fixed = train(cached_project, "batch-fixed", batch_size=4, gradient_accumulation=1, gradient_checkpointing=False)
+    update = yem.train.update
+
+    def update_running_out(run, step):
+        if step == 5 and run.plan.batch_size == 4:
+            raise MemoryError("simulated: the device is full")
+        return update(run, step)
+
+    monkeypatch.setattr(yem.train, "update", update_running_out)
+    auto = train(cached_project, "batch-auto", batch_size="auto", effective_batch_size=4, gradient_checkpointing=False)
+    metrics = auto.metrics()
+    assert (metrics["batch_size"], metrics["gradient_accumulation"], metrics["memory_backoffs"]) == (2, 2, 1)
+    assert "out of memory at batch 4 × 1" in metrics["batch_plan"]
+    a, b = weights(cached_project[0] / "batch-fixed"), weights(cached_project[0] / "batch-auto")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only the order of sums differs
+    assert fixed.metrics()["effective_batch_size"] == metrics["effective_batch_size"] == 4

@@ -10,14 +10,24 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def sample_sigmas(sigma_table: torch.Tensor, batch: int, scheme: str, generator: torch.Generator,
-                  logit_mean: float, logit_std: float, mode_scale: float) -> torch.Tensor:
-    """Draw (B,) sigmas on the table's device: u from SD3's density (logit-normal by default), then the
-    scheduler's shifted sigma at index ⌊u·1000⌋. `sigma_table` is (1000,), descending from 1 (pure noise)."""
-    u = compute_density_for_timestep_sampling(scheme, batch, logit_mean, logit_std, mode_scale,
-                                              device=sigma_table.device, generator=generator)
+def sample_u(batch: int, scheme: str, generator: torch.Generator, logit_mean: float, logit_std: float,
+             mode_scale: float, device: torch.device) -> torch.Tensor:
+    """(B,) u in [0, 1] from SD3's timestep density (logit-normal by default), drawn on `device`."""
+    return compute_density_for_timestep_sampling(scheme, batch, logit_mean, logit_std, mode_scale, device=device,
+                                                 generator=generator)
+
+
+def sigmas_at(sigma_table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The scheduler's shifted sigma at index ⌊u·1000⌋. `sigma_table` is (1000,), descending from 1 (noise)."""
     index = (u * len(sigma_table)).long().clamp_(0, len(sigma_table) - 1)  # "mode" can reach u = 1
     return sigma_table[index]
+
+
+def sample_sigmas(sigma_table: torch.Tensor, batch: int, scheme: str, generator: torch.Generator,
+                  logit_mean: float, logit_std: float, mode_scale: float) -> torch.Tensor:
+    """(B,) sigmas: u from SD3's density, looked up in the shifted schedule, on the table's device."""
+    return sigmas_at(sigma_table, sample_u(batch, scheme, generator, logit_mean, logit_std, mode_scale,
+                                           sigma_table.device))
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,9 @@ HELDOUT_SEED = 20240614
 
 
 def batch_loss(model, batch: Batch, sigma_table: torch.Tensor, settings: TrainParams, dtype: torch.dtype,
-               generator: torch.Generator, per_instance: int) -> torch.Tensor:
+               per_instance: int) -> torch.Tensor:
     """Weighted flow-matching loss of one micro-batch: mean over instance images + w × mean over class images."""
-    sigma = flow.sample_sigmas(sigma_table, len(batch.x0), settings.weighting_scheme, generator,
-                               settings.logit_mean, settings.logit_std, settings.mode_scale)
-    noise = torch.randn(batch.x0.shape, generator=generator, device=batch.x0.device, dtype=batch.x0.dtype)
+    sigma, noise = flow.sigmas_at(sigma_table, batch.u), batch.noise
     noisy = flow.add_noise(batch.x0, noise, sigma)
     prediction = model(hidden_states=noisy.to(dtype), timestep=flow.timesteps(sigma),
                        encoder_hidden_states=batch.joint.to(dtype), pooled_projections=batch.pooled.to(dtype),
@@ -31,6 +29,14 @@ def batch_loss(model, batch: Batch, sigma_table: torch.Tensor, settings: TrainPa
 
 
 @torch.no_grad()
+def timestep_density(settings: TrainParams, device: torch.device):
+    """draw_u(generator) -> (1,): one u from SD3's timestep density (logit-normal by default), on `device`."""
+    def draw_u(generator: torch.Generator) -> torch.Tensor:
+        return flow.sample_u(1, settings.weighting_scheme, generator, settings.logit_mean, settings.logit_std,
+                             settings.mode_scale, device)
+    return draw_u
+
+
 def heldout_loss(model, data: TrainingSet, dtype: torch.dtype) -> float:
     """Velocity MSE of up to 8 instance images at fixed sigmas with fixed noise that training never draws."""
     index = data.select(prior=False)[:HELDOUT_SAMPLES].to(data.mean.device)

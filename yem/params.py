@@ -289,7 +289,8 @@ def _matches(value: Any, tp: Any) -> bool:
 
 
 def _nearest(value: Any, tp: Any) -> str:
-    options = [o for arg in (*typing.get_args(tp), tp) if typing.get_origin(arg) is Literal for o in typing.get_args(arg)]
+    literals = [arg for arg in (*typing.get_args(tp), tp) if typing.get_origin(arg) is Literal]
+    options = [option for literal in literals for option in typing.get_args(literal)]
     near = difflib.get_close_matches(value, [str(o) for o in options], n=1) if isinstance(value, str) else []
     return f" Did you mean '{near[0]}'?" if near else ""
 
@@ -323,7 +324,8 @@ def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> list[str]:
     step = checks.get("multiple_of")
     if step and value % step:
         low, high = value // step * step, (value // step + 1) * step
-        found.append(f"must be a multiple of {step} (latent ×8, patch ×2) (got {value}). Use {low or high} or {high}.")
+        found.append(f"must be a multiple of {step} (latent ×8, patch ×2) (got {value}). "
+                     f"Use {low or high} or {high}.")
     return found
 
 

@@ -11,6 +11,6 @@ def bar(total: int, desc: str, unit: str = "it") -> tqdm:
                 smoothing=0.1)
 
 
-def note(message: str) -> None:
+def note(message: str, prefix: str = "warning") -> None:
     """A line for the user that does not break an active progress bar."""
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    tqdm.write(f"{prefix}: {message}", file=sys.stderr)

@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
-from yem import (atomic, cache, checkpoint, device, flow, lora, lora_file, memory, objective, power, progress, sd3,
-                 thermal, trainset)
+from yem import (atomic, autobatch, batching, cache, checkpoint, device, flow, lora, lora_file, memory, objective,
+                 power, progress, sd3, thermal, trainset)
 from yem.errors import TrainingStopped
 from yem.interrupt import stop_requests
 from yem.metrics import TrainResult
@@ -26,6 +27,9 @@ from yem.trainset import TrainingSet
 
 SNAPSHOTS = "steps"  # intermediate adapters (one per checkpoint) kept beside the final one, for render.checkpoints
 LOG_EVERY = 10  # steps between reads of the loss from the device (each read waits for the device)
+# torch.compile mode of the transformer blocks. On CUDA, CUDA graphs ("reduce-overhead") replay each block's
+# thousands of small kernels in one launch: the step is bound by launching them otherwise (benchmarks/RESULTS.md).
+COMPILE_MODES = {"cuda": "reduce-overhead"}
 MAX_ROLLBACKS = 3  # rollbacks after non-finite steps before giving up with advice
 
 
@@ -43,20 +47,22 @@ class Run:
     sigma_table: torch.Tensor  # (1000,) on the device
     dtype: torch.dtype
     settings: TrainParams
-    batch_size: int
-    accumulation: int
-    generator: torch.Generator
+    plan: batching.BatchPlan  # batch size, accumulation, checkpointing: planned, then backed off if memory runs out
+    budget: int | None  # bytes the device may use (build/preflight.json)
+    generator: torch.Generator  # reseeded per sample (trainset.sample_seed)
+    draw_u: object  # draw_u(generator) -> (1,) timestep density sample
     run_dir: Path  # this run's checkpoints
     provenance: dict[str, str]  # header metadata of every adapter file written
     bad_streak: torch.Tensor  # () non-finite steps in a row, on the device
     bad_in_window: torch.Tensor  # () non-finite steps since the last sync, on the device
     sensor: thermal.Sensor  # how hot the training device runs
     heat: thermal.Governor  # decides, once per window, to go on, pause or stop
+    graphs: bool = False  # the compiled blocks replay CUDA graphs: each step must be marked as a new one
     initial: checkpoint.TrainingState | None = None  # the state at step 0, for a rollback with no checkpoint yet
 
 
 def run_training(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
-                 out_dir: Path, project_root: Path, heat: ThermalParams | None = None) -> TrainResult:
+                 out_dir: Path, project_root: Path, heat: ThermalParams | None = None) -> TrainResult | None:
     """Train the adapter (resuming from the newest checkpoint of this exact run) and save it to `out_dir`.
 
     The loop runs in windows of up to LOG_EVERY steps queued on the device without waiting for it; at the end
@@ -67,6 +73,7 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                   heat or ThermalParams(policy="pause", max_pause_s=600))
     log = start_or_resume(run)
     resumed_from = log["step"]
+    ready_s = time.time() - psutil.Process().create_time()  # launch (imports included) to the first step
     memory.reset_peak(hardware["backend"])
     for warning in filter(None, [power.battery_warning()]):
         progress.note(warning)
@@ -74,6 +81,7 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
         bar.update(log["step"])
         while log["step"] < settings.steps:
             reading, seconds = train_window(run, log, stop, bar)
+            stop[:] = agreed(run, list(stop))  # every process stops at the same step
             if log["bad_streak"] >= settings.max_bad_steps:
                 roll_back(run, log)
                 bar.reset(settings.steps)
@@ -88,7 +96,8 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                 raise TrainingStopped(f"train: stopped by {stop[0]} after step {log['step']}/{settings.steps}; "
                                       f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
                                       f"command) to resume.")
-    return finish(run, log, out_dir, hardware, latents_dir, resumed_from, started)
+    result = finish(run, log, out_dir, hardware, latents_dir, resumed_from, started, ready_s)
+    return result if run.accelerator.is_main_process else None
 
 
 def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
@@ -96,12 +105,14 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
     """Load the cached data and the transformer for `model`, then assemble the run."""
     backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
     accelerator = make_accelerator(backend, heat)
+    budget = memory.Budget(int(hardware["memory_budget_gib"] * memory.GIB), "build/preflight.json")
+    progress.note(memory.apply_budget(budget, memory.read(backend)), prefix="memory")
     return assemble(accelerator, sd3.load_transformer(model, dtype, accelerator.device),
                     trainset.load_training_set(latents_dir, embeds_dir, accelerator.device),
                     sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
                     run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
                         model, settings, hardware, latents_dir, embeds_dir),
-                    provenance=provenance(model, settings, latents_dir, embeds_dir))
+                    provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes)
 
 
 def make_accelerator(backend: str, heat: ThermalParams):
@@ -117,35 +128,37 @@ def make_accelerator(backend: str, heat: ThermalParams):
 
 def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor,
              settings: TrainParams, dtype: torch.dtype, heat: ThermalParams, run_dir: Path,
-             provenance: dict[str, str]) -> Run:
-    """Attach the adapter, set up optimizer and schedule, and wrap the model for (distributed) training."""
+             provenance: dict[str, str], budget: int | None = None) -> Run:
+    """Attach the adapter, fit the batch to the memory `budget`, set up optimizer and schedule, and wrap the
+    model for (distributed) training."""
     from diffusers.optimization import get_scheduler
 
     backend = accelerator.device.type
-    if settings.gradient_checkpointing is True:
-        transformer.enable_gradient_checkpointing()
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator (B starts at zero)
     params = lora.attach(transformer, settings.rank, settings.alpha, settings.targets)
     transformer.train()
+    draw_u = objective.timestep_density(settings, accelerator.device)
+    sigma_table = sigma_table.to(accelerator.device, torch.float32)
+    plan = autobatch.plan(transformer, data, sigma_table, settings, dtype, budget, accelerator.num_processes, draw_u)
+    autobatch.set_checkpointing(transformer, plan.checkpointing)
+    graphs = False
     if settings.compile is True or (settings.compile == "auto" and backend == "cuda"):
+        mode = COMPILE_MODES.get(backend, "default")
+        graphs = mode == "reduce-overhead"
         for block in transformer.transformer_blocks:  # regional: the identical blocks share one compilation
-            block.compile(dynamic=False)
+            block.compile(dynamic=False, mode=mode)
     optimizer, fused = adamw(params, settings)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                               num_training_steps=settings.steps)
-    batch_size = 1 if settings.batch_size == "auto" else settings.batch_size
-    accumulation = settings.gradient_accumulation
-    if settings.batch_size == "auto" and settings.effective_batch_size:
-        accumulation = max(1, settings.effective_batch_size // batch_size)
     zero = torch.zeros((), dtype=torch.int64, device=accelerator.device)
     return Run(accelerator=accelerator, model=accelerator.prepare(transformer), transformer=transformer,
                params=params, optimizer=optimizer, skips_on_device=fused, scheduler=scheduler, data=data,
-               sigma_table=sigma_table.to(accelerator.device, torch.float32), dtype=dtype, settings=settings,
-               batch_size=batch_size, accumulation=accumulation, generator=torch.Generator(accelerator.device),
+               sigma_table=sigma_table, dtype=dtype, settings=settings, plan=plan, budget=budget,
+               generator=torch.Generator(accelerator.device), draw_u=draw_u,
                run_dir=run_dir, provenance=provenance, bad_streak=zero.clone(), bad_in_window=zero.clone(),
                sensor=thermal.detect(backend),
                # on a CPU other processes swing step time far more than heat does: watch the sensor only
-               heat=thermal.Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"))
+               heat=thermal.Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"), graphs=graphs)
 
 
 def adamw(params: list[torch.nn.Parameter], settings: TrainParams) -> tuple[torch.optim.Optimizer, bool]:
@@ -179,10 +192,10 @@ def train_window(run: Run, log: dict, stop: list[str], bar) -> tuple[thermal.Rea
     clock, losses, lrs = time.perf_counter(), [], []
     for step in range(start, end):
         lrs.append(run.scheduler.get_last_lr()[0])
-        losses.append(update(run, step))
-        if stop:
+        losses.append(update_within_memory(run, log, step))
+        if stop and run.accelerator.num_processes == 1:  # several processes stop together, at the window's end
             break
-    values = torch.stack(losses).tolist()  # waits for the device: the window's only sync
+    values = run.accelerator.reduce(torch.stack(losses), "mean").tolist()  # the window's only wait
     seconds = (time.perf_counter() - clock) / len(values)
     reading = run.sensor.read()
     log["rows"] += log_rows(start, values, lrs, seconds, run.accelerator.device.type, reading.state.value)
@@ -210,13 +223,13 @@ def respect_heat(run: Run, log: dict, reading: thermal.Reading, seconds: float) 
         raise run.heat.stop_error(log["step"], run.settings.steps)
 
 
-def agreed(run: Run, action: thermal.Action) -> thermal.Action:
+def agreed(run: Run, decision):
     """Every process follows rank 0's decision, so none is left waiting in a collective."""
     if run.accelerator.num_processes == 1:
-        return action
+        return decision
     from accelerate.utils import broadcast_object_list
 
-    return broadcast_object_list([action])[0]
+    return broadcast_object_list([decision])[0]
 
 
 def update(run: Run, step: int) -> torch.Tensor:
@@ -226,20 +239,20 @@ def update(run: Run, step: int) -> torch.Tensor:
     """
     from contextlib import nullcontext
 
-    settings, accelerator = run.settings, run.accelerator
+    settings, accelerator, plan = run.settings, run.accelerator, run.plan
+    if run.graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer needed
     total = torch.zeros((), device=accelerator.device)
-    for micro in range(run.accumulation):
-        number = step * run.accumulation + micro  # global micro-batch number: fixes data, noise and sigmas
-        run.generator.manual_seed((settings.seed * 1_000_003 + number) * 4099 + accelerator.process_index)
+    for micro in range(plan.accumulation):
+        number = step * plan.accumulation + micro  # global micro-batch number: fixes the samples it holds
         batch = trainset.micro_batch(run.data, number, accelerator.process_index, accelerator.num_processes,
-                                     run.batch_size, settings.seed, settings.repeats, settings.prior_loss_weight,
-                                     run.generator)
-        last = micro == run.accumulation - 1
-        with nullcontext() if last else accelerator.no_sync(run.model), device.autocast(accelerator.device.type, run.dtype):
-            loss = batch_loss(run.model, batch, run.sigma_table, settings, run.dtype, run.generator,
-                              run.batch_size) / run.accumulation
-            accelerator.backward(loss)
-        total += loss.detach()
+                                     plan.batch_size, settings.seed, settings.repeats, settings.prior_loss_weight,
+                                     run.draw_u, run.generator)
+        syncing = nullcontext() if micro == plan.accumulation - 1 else accelerator.no_sync(run.model)
+        with syncing, device.autocast(accelerator.device.type, run.dtype):
+            loss = batch_loss(run.model, batch, run.sigma_table, settings, run.dtype, plan.batch_size)
+            accelerator.backward(loss / plan.accumulation)
+        total += loss.detach() / plan.accumulation
     norm = accelerator.clip_grad_norm_(run.params, settings.max_grad_norm or math.inf)
     bad = ~(torch.isfinite(norm) & torch.isfinite(total))  # () bool, stays on the device
     if run.skips_on_device:
@@ -252,6 +265,24 @@ def update(run: Run, step: int) -> torch.Tensor:
     run.bad_in_window += bad
     run.bad_streak.mul_(bad).add_(bad)  # +1 on a bad step, back to 0 on a good one
     return total
+
+
+def update_within_memory(run: Run, log: dict, step: int) -> torch.Tensor:
+    """`update`, retried with half the batch and twice the accumulation when the device runs out of memory:
+    the step covers the same samples with the same noise, so the effective batch and the result stay."""
+    while True:
+        try:
+            return update(run, step)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+            if not memory.is_out_of_memory(error):
+                raise
+        run.optimizer.zero_grad(set_to_none=True)
+        device.empty_cache(run.accelerator.device.type)
+        run.plan = batching.back_off(run.plan, batching.BatchSettings.from_train(run.settings), run.budget)
+        autobatch.set_checkpointing(run.transformer, run.plan.checkpointing)
+        run.heat.rebase()  # less work per micro-batch: the old step time is no reference
+        log.setdefault("backoffs", []).append({"step": step, "plan": run.plan.why})
+        progress.note(f"train: step {step + 1}: {run.plan.why}")
 
 
 def roll_back(run: Run, log: dict) -> None:
@@ -299,7 +330,7 @@ def save_checkpoint(run: Run, log: dict) -> None:
 
 
 def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path, resumed_from: int,
-           started: float) -> TrainResult:
+           started: float, ready_s: float) -> TrainResult:
     """Measure, write the final adapter (with the intermediate ones) to `out_dir`, drop the checkpoints."""
     backend, settings = hardware["backend"], run.settings
     after = heldout_loss(run.model, run.data, run.dtype)
@@ -313,10 +344,12 @@ def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path
     facts = {"backend": backend, "dtype": log["dtype"], "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log["nonfinite_steps"], "rollbacks": len(log["rollbacks"]),
-             "learning_rate_scale": log["lr_scale"], "os": device.os_name(),
-             "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics()}
+             "learning_rate_scale": log["lr_scale"], "os": device.os_name(), "launch_to_first_step_s": ready_s,
+             "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
+             "batch_plan": run.plan.why, "memory_backoffs": len(log.get("backoffs", []))}
     return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=log["heldout_before"],
-                       heldout_after=after, batch_size=run.batch_size, gradient_accumulation=run.accumulation,
+                       heldout_after=after, batch_size=run.plan.batch_size,
+                       gradient_accumulation=run.plan.accumulation,
                        gradient_checkpointing=run.transformer.is_gradient_checkpointing,
                        world_size=run.accelerator.num_processes,
                        peak_memory_gib=memory.peak_bytes(backend) / memory.GIB,

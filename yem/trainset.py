@@ -82,33 +82,50 @@ def positions(population: torch.Tensor, seed: int, repeats: int, start: int, cou
 @dataclass
 class Batch:
     x0: torch.Tensor  # (B, 16, h, w) a fresh draw from each image's VAE posterior
+    noise: torch.Tensor  # (B, 16, h, w) the flow's noise endpoint
+    u: torch.Tensor  # (B,) where each sample's sigma is read from the schedule, in [0, 1)
     joint: torch.Tensor  # (B, 77 + T, D)
     pooled: torch.Tensor  # (B, P)
     weight: torch.Tensor  # (B,) 1 for instance images, train.prior_loss_weight for class images
 
 
-def make_batch(data: TrainingSet, index: torch.Tensor, flip: torch.Tensor, weight: float,
-               generator: torch.Generator) -> Batch:
-    index = index.to(data.mean.device, non_blocking=True)  # tiny copy; a blocking one would wait for the GPU
+def make_batch(data: TrainingSet, index: torch.Tensor, flip: torch.Tensor, seeds: list[int], weight: float,
+               draw_u, generator: torch.Generator) -> Batch:
+    """Gather samples `index` and draw their randomness: each from its own seed, so a sample gets the same noise
+    whichever batch, micro-batch or process it lands in. `draw_u(generator) -> (1,)` samples the timestep density."""
+    device = data.mean.device
+    index = index.to(device, non_blocking=True)  # tiny copy; a blocking one would wait for the GPU
     mean, std = data.mean[index], data.std[index]
     if data.flip_mean is not None:
-        use_flip = flip.to(data.mean.device, non_blocking=True).view(-1, 1, 1, 1)
+        use_flip = flip.to(device, non_blocking=True).view(-1, 1, 1, 1)
         mean = torch.where(use_flip, data.flip_mean[index], mean)
         std = torch.where(use_flip, data.flip_std[index], std)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    shape = (2, *mean.shape[1:])  # per sample: posterior noise, flow noise
+    draws, us = [], []
+    for seed in seeds:
+        generator.manual_seed(seed)  # sets the generator's state on the host: no wait for the device
+        draws.append(torch.randn(shape, generator=generator, device=device, dtype=mean.dtype))
+        us.append(draw_u(generator))
+    draws = torch.stack(draws)  # (B, 2, 16, h, w)
     rows = data.prompt[index]
-    return Batch(x0=mean + std * noise, joint=data.joint[rows], pooled=data.pooled[rows],
-                 weight=torch.full((len(index),), weight, device=mean.device))
+    return Batch(x0=mean + std * draws[:, 0], noise=draws[:, 1], u=torch.cat(us), joint=data.joint[rows],
+                 pooled=data.pooled[rows], weight=torch.full((len(index),), weight, device=device))
 
 
 def micro_batch(data: TrainingSet, number: int, rank: int, world: int, size: int, seed: int, repeats: int,
-                prior_weight: float, generator: torch.Generator) -> Batch:
+                prior_weight: float, draw_u, generator: torch.Generator) -> Batch:
     """Process `rank`'s share of global micro-batch `number`: B instance images (+ B class images with prior)."""
     start = (number * world + rank) * size
     parts = []
-    for prior, stream_seed, weight in ((False, seed, 1.0), (True, seed + 1, prior_weight)):
+    for stream, (prior, weight) in enumerate(((False, 1.0), (True, prior_weight))):
         population = data.select(prior)
         if len(population):
-            index, flip = positions(population, stream_seed, repeats, start, size)
-            parts.append(make_batch(data, index, flip, weight, generator))
+            index, flip = positions(population, seed + stream, repeats, start, size)
+            seeds = [sample_seed(seed, stream, p) for p in range(start, start + size)]
+            parts.append(make_batch(data, index, flip, seeds, weight, draw_u, generator))
     return Batch(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Batch)})
+
+
+def sample_seed(seed: int, stream: int, position: int) -> int:
+    """The seed of the sample at `position` of instance (0) or class (1) stream."""
+    return ((seed * 1_000_003 + position) * 4099 + stream) % (1 << 63)

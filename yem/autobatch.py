@@ -1,0 +1,50 @@
+"""Fitting training into memory while it runs: real steps decide the batch, and an out-of-memory error backs off.
+
+yem.batching decides from measured peaks; this module measures them on the real model and data (one forward
+and backward per candidate, no optimizer step, no training randomness consumed) and applies the decisions.
+"""
+
+import torch
+
+from yem import batching, device, memory, trainset
+from yem.objective import batch_loss
+from yem.params import TrainParams
+from yem.trainset import TrainingSet
+
+
+def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor, settings: TrainParams,
+         dtype: torch.dtype, budget: int | None, processes: int, draw_u) -> batching.BatchPlan:
+    """Batch, accumulation and checkpointing for this run; measured only where params say `auto`."""
+    wanted = batching.BatchSettings.from_train(settings)
+    if settings.effective_batch_size:  # every process takes its share of the effective batch
+        wanted = batching.BatchSettings(wanted.batch_size, wanted.accumulation,
+                                        max(1, settings.effective_batch_size // processes), wanted.checkpointing)
+    if budget is None:  # nothing to plan against: one image per step, checkpointing only if asked
+        return batching.BatchPlan(1 if settings.batch_size == "auto" else settings.batch_size,
+                                  wanted.effective or settings.gradient_accumulation,
+                                  settings.gradient_checkpointing is True, None, "no memory budget: batch as set")
+    backend = sigma_table.device.type
+    generator = torch.Generator(sigma_table.device)
+
+    def measure(batch: int, checkpointing: bool) -> int:
+        set_checkpointing(transformer, checkpointing)
+        device.empty_cache(backend)
+        memory.reset_peak(backend)
+        sample = trainset.micro_batch(data, 0, 0, 1, batch, settings.seed, settings.repeats,
+                                      settings.prior_loss_weight, draw_u, generator)
+        try:
+            with device.autocast(backend, dtype):
+                batch_loss(transformer, sample, sigma_table, settings, dtype, batch).backward()
+            device.synchronize(backend)
+            return memory.peak_bytes(backend)
+        finally:
+            transformer.zero_grad(set_to_none=True)
+
+    return batching.plan_batch(measure, budget, wanted)
+
+
+def set_checkpointing(transformer: torch.nn.Module, on: bool) -> None:
+    if on:
+        transformer.enable_gradient_checkpointing()
+    elif transformer.is_gradient_checkpointing:
+        transformer.disable_gradient_checkpointing()
