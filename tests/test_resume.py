@@ -325,3 +325,21 @@ def test_batch_size_auto_plans_then_backs_off_on_out_of_memory_with_the_same_res
     a, b = weights(cached_project[0] / "batch-fixed"), weights(cached_project[0] / "batch-auto")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only the order of sums differs
     assert fixed.metrics()["effective_batch_size"] == metrics["effective_batch_size"] == 4
+
+
+def test_growing_swap_backs_the_batch_off_like_an_out_of_memory_error(cached_project, monkeypatch):
+    """Unified memory pages out before it fails: swap rising every window is treated as memory pressure."""
+    import dataclasses as dc
+
+    import yem.train
+
+    real_read, grown = yem.train.memory.read, iter(range(1, 100))
+
+    def swapping(backend, source=None):
+        return dc.replace(real_read(backend), swap_used=next(grown) * 300 * 2**20)  # +300 MiB per window
+
+    monkeypatch.setattr(yem.train.memory, "read", swapping)
+    result = train(cached_project, "swap", batch_size=4, gradient_accumulation=1, gradient_checkpointing=False)
+    metrics = result.metrics()
+    assert metrics["memory_backoffs"] >= 1 and metrics["batch_size"] < 4
+    assert metrics["effective_batch_size"] == 4

@@ -5,12 +5,10 @@ of each epoch, the flips, the noise and the sigmas. So a resumed run replays exa
 would have done, whatever happened in between.
 """
 
-import copy
 import dataclasses
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -23,42 +21,13 @@ from yem.interrupt import stop_requests
 from yem.metrics import TrainResult
 from yem.objective import batch_loss, heldout_loss
 from yem.params import ModelParams, ThermalParams, TrainParams
+from yem.run import SNAPSHOTS, Run, agreed, respect_heat, restore, roll_back, save_checkpoint, snapshot
 from yem.trainset import TrainingSet
 
-SNAPSHOTS = "steps"  # intermediate adapters (one per checkpoint) kept beside the final one, for render.checkpoints
 LOG_EVERY = 10  # steps between reads of the loss from the device (each read waits for the device)
 # torch.compile mode of the transformer blocks. On CUDA, CUDA graphs ("reduce-overhead") replay each block's
 # thousands of small kernels in one launch: the step is bound by launching them otherwise (benchmarks/RESULTS.md).
 COMPILE_MODES = {"cuda": "reduce-overhead"}
-MAX_ROLLBACKS = 3  # rollbacks after non-finite steps before giving up with advice
-
-
-@dataclass
-class Run:
-    """What one training run holds while it loops."""
-    accelerator: object
-    model: torch.nn.Module  # wrapped for DDP when several processes train
-    transformer: torch.nn.Module  # the unwrapped SD3 transformer carrying the adapter
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    skips_on_device: bool  # fused AdamW can skip a non-finite update without waiting for the device
-    scheduler: object
-    data: TrainingSet
-    sigma_table: torch.Tensor  # (1000,) on the device
-    dtype: torch.dtype
-    settings: TrainParams
-    plan: batching.BatchPlan  # batch size, accumulation, checkpointing: planned, then backed off if memory runs out
-    budget: int | None  # bytes the device may use (build/preflight.json)
-    generator: torch.Generator  # reseeded per sample (trainset.sample_seed)
-    draw_u: object  # draw_u(generator) -> (1,) timestep density sample
-    run_dir: Path  # this run's checkpoints
-    provenance: dict[str, str]  # header metadata of every adapter file written
-    bad_streak: torch.Tensor  # () non-finite steps in a row, on the device
-    bad_in_window: torch.Tensor  # () non-finite steps since the last sync, on the device
-    sensor: thermal.Sensor  # how hot the training device runs
-    heat: thermal.Governor  # decides, once per window, to go on, pause or stop
-    graphs: bool = False  # the compiled blocks replay CUDA graphs: each step must be marked as a new one
-    initial: checkpoint.TrainingState | None = None  # the state at step 0, for a rollback with no checkpoint yet
 
 
 def run_training(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
@@ -77,7 +46,8 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
     memory.reset_peak(hardware["backend"])
     for warning in filter(None, [power.battery_warning()]):
         progress.note(warning)
-    with stop_requests() as stop, power.keep_awake(), progress.bar(settings.steps, "train", "step") as bar:
+    with stop_requests() as stop, device.cpu_fallbacks() as fell_back, power.keep_awake(), \
+            progress.bar(settings.steps, "train", "step") as bar:
         bar.update(log["step"])
         while log["step"] < settings.steps:
             reading, seconds = train_window(run, log, stop, bar)
@@ -96,6 +66,7 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                 raise TrainingStopped(f"train: stopped by {stop[0]} after step {log['step']}/{settings.steps}; "
                                       f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
                                       f"command) to resume.")
+    log["cpu_fallback_ops"] = fell_back  # MPS ops that ran on the CPU during training (should be none)
     result = finish(run, log, out_dir, hardware, latents_dir, resumed_from, started, ready_s)
     return result if run.accelerator.is_main_process else None
 
@@ -204,32 +175,11 @@ def train_window(run: Run, log: dict, stop: list[str], bar) -> tuple[thermal.Rea
     log["bad_streak"] = int(run.bad_streak)
     run.bad_in_window.zero_()
     bar.update(len(values))
-    bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}", mem=f"{log['rows'][-1]['memory_gib']:.1f}G",
-                    heat=reading.state.label)
+    budget = f"/{memory.gib(run.budget)}" if run.budget else ""
+    bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}",
+                    mem=f"{memory.gib(log['rows'][-1]['memory_gib'] * memory.GIB)}{budget}",
+                    swap=watch_swap(run, log), heat=reading.state.label)
     return reading, seconds
-
-
-def respect_heat(run: Run, log: dict, reading: thermal.Reading, seconds: float) -> None:
-    """Let the thermal governor act on the window that just ended: checkpoint, then pause or stop."""
-    action = agreed(run, run.heat.observe(reading, seconds))
-    if action is not thermal.Action.CONTINUE:
-        log["thermal"] = dataclasses.asdict(run.heat.totals)
-        save_checkpoint(run, log)
-        if action is thermal.Action.PAUSE:
-            progress.note(f"train: pausing to cool down ({reading.detail}), at most {run.heat.max_pause_s:.0f} s")
-            action = agreed(run, run.heat.wait_until_cool(run.sensor.read, time.sleep))
-    log["thermal"] = dataclasses.asdict(run.heat.totals)
-    if action is thermal.Action.STOP:
-        raise run.heat.stop_error(log["step"], run.settings.steps)
-
-
-def agreed(run: Run, decision):
-    """Every process follows rank 0's decision, so none is left waiting in a collective."""
-    if run.accelerator.num_processes == 1:
-        return decision
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([decision])[0]
 
 
 def update(run: Run, step: int) -> torch.Tensor:
@@ -277,56 +227,29 @@ def update_within_memory(run: Run, log: dict, step: int) -> torch.Tensor:
             if not memory.is_out_of_memory(error):
                 raise
         run.optimizer.zero_grad(set_to_none=True)
-        device.empty_cache(run.accelerator.device.type)
-        run.plan = batching.back_off(run.plan, batching.BatchSettings.from_train(run.settings), run.budget)
-        autobatch.set_checkpointing(run.transformer, run.plan.checkpointing)
-        run.heat.rebase()  # less work per micro-batch: the old step time is no reference
-        log.setdefault("backoffs", []).append({"step": step, "plan": run.plan.why})
-        progress.note(f"train: step {step + 1}: {run.plan.why}")
+        back_off(run, log, step, "out of memory")
 
 
-def roll_back(run: Run, log: dict) -> None:
-    """After max_bad_steps non-finite steps in a row: resume from the last good state with a remedy."""
-    settings, remedy = run.settings, run.settings.on_nonfinite
-    if remedy == "stop" or len(log["rollbacks"]) >= MAX_ROLLBACKS:
-        raise TrainingStopped(f"train: {log['bad_streak']} non-finite steps in a row at step {log['step']} "
-                              f"(after {len(log['rollbacks'])} rollbacks); no NaN weights were saved. Lower "
-                              f"train.learning_rate or set device.mixed_precision: no, then rerun.")
-    state = checkpoint.load_latest(run.run_dir) or run.initial
-    target = {**copy.deepcopy(state.log), "nonfinite_steps": log["nonfinite_steps"], "bad_streak": 0,
-              "rollbacks": log["rollbacks"] + [{"at_step": log["step"], "to_step": state.step, "remedy": remedy}],
-              "lr_scale": log["lr_scale"] * (0.5 if remedy == "lower_lr" else 1.0),
-              "dtype": "float32" if remedy == "fp32" else log["dtype"]}
-    restore(run, state, target)
-    log.clear()
-    log.update(target)
+def back_off(run: Run, log: dict, step: int, reason: str) -> None:
+    """Half the batch, twice the accumulation (same effective batch); checkpointing at batch 1 if auto."""
+    device.empty_cache(run.accelerator.device.type)
+    run.plan = batching.back_off(run.plan, batching.BatchSettings.from_train(run.settings), run.budget)
+    autobatch.set_checkpointing(run.transformer, run.plan.checkpointing)
+    run.heat.rebase()  # less work per micro-batch: the old step time is no reference
+    log.setdefault("backoffs", []).append({"step": step, "reason": reason, "plan": run.plan.why})
+    progress.note(f"train: step {step + 1}, {reason}: {run.plan.why}")
 
 
-def restore(run: Run, state: checkpoint.TrainingState, target: dict) -> None:
-    """Load `state`, then apply the learning-rate scale and precision that `target` (a run log) asks for."""
-    lora.load_adapter_state(run.transformer, state.adapter)
-    run.optimizer.load_state_dict(state.optimizer)
-    run.scheduler.load_state_dict(state.scheduler)
-    checkpoint.restore_rng(state.rng)
-    factor = target["lr_scale"] / state.log["lr_scale"]
-    run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
-    run.scheduler._last_lr = [lr * factor for lr in run.scheduler.get_last_lr()]
-    for group in run.optimizer.param_groups:
-        group["lr"] *= factor
-    if target["dtype"] == "float32" and run.dtype != torch.float32:
-        run.transformer.to(torch.float32)  # the frozen base; the adapter is fp32 already
-        run.dtype = torch.float32
-    run.bad_streak.zero_()
-    run.bad_in_window.zero_()
-
-
-def save_checkpoint(run: Run, log: dict) -> None:
-    if not run.accelerator.is_main_process:
-        return
-    # adapter first: a kill between the two replays this step and rewrites the same file
-    lora.save(run.transformer, run.run_dir / SNAPSHOTS / f"step-{log['step']:08d}.safetensors",
-              {**run.provenance, "yem.steps": str(log["step"])})
-    checkpoint.save(run.run_dir, snapshot(run, log), run.settings.checkpoints_keep)
+def watch_swap(run: Run, log: dict) -> str:
+    """Swap that keeps growing is memory pressure on a unified-memory Mac: back off before it thrashes.
+    Returns the swap in use, for the display."""
+    readings = memory.read(run.accelerator.device.type)
+    run.swap.append(readings.swap_used)
+    pressure = agreed(run, memory.memory_pressure(run.swap, readings.pressure_level))  # all processes or none
+    if pressure and run.plan.batch_size > 1:
+        back_off(run, log, log["step"], pressure)
+        run.swap.clear()
+    return memory.gib(readings.swap_used)
 
 
 def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path, resumed_from: int,
@@ -346,7 +269,8 @@ def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path
              "nonfinite_steps": log["nonfinite_steps"], "rollbacks": len(log["rollbacks"]),
              "learning_rate_scale": log["lr_scale"], "os": device.os_name(), "launch_to_first_step_s": ready_s,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
-             "batch_plan": run.plan.why, "memory_backoffs": len(log.get("backoffs", []))}
+             "batch_plan": run.plan.why, "memory_backoffs": len(log.get("backoffs", [])),
+             "cpu_fallback_ops": ", ".join(log["cpu_fallback_ops"]) or "none"}
     return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=log["heldout_before"],
                        heldout_after=after, batch_size=run.plan.batch_size,
                        gradient_accumulation=run.plan.accumulation,
@@ -362,13 +286,6 @@ def log_rows(first_step: int, losses: list[float], lrs: list[float], seconds: fl
     memory_gib = memory.used_bytes(backend) / memory.GIB
     return [{"step": first_step + i + 1, "loss": loss, "lr": lr, "s_per_step": seconds, "memory_gib": memory_gib,
              "thermal": heat} for i, (loss, lr) in enumerate(zip(losses, lrs))]
-
-
-def snapshot(run: Run, log: dict) -> checkpoint.TrainingState:
-    return checkpoint.TrainingState(step=log["step"], adapter=lora.adapter_state(run.transformer),
-                                    optimizer=copy.deepcopy(run.optimizer.state_dict()),
-                                    scheduler=run.scheduler.state_dict(), log=copy.deepcopy(log),
-                                    rng=checkpoint.capture_rng())
 
 
 def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path,
