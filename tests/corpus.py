@@ -131,3 +131,16 @@ def preflight_in_process(project: Path):
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def latents_cached(project_dir: Path) -> tuple[Path, list[str], dict[str, bytes]]:
+    """A small project whose preflight and latents stages have run: (project, the latents stage's arguments,
+    a snapshot of build/ to compare with after a failing rerun)."""
+    from stages.latents import main
+
+    project = small_project(project_dir)
+    assert preflight_in_process(project).exit_code == 0
+    args = ["--params", str(project / "params.yaml"), "--hardware", str(project / "build/preflight.json"),
+            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    return project, args, snapshot(project / "build")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 
 from tests.conftest import REPO
-from tests.corpus import preflight_in_process, small_project, snapshot
+from tests.corpus import latents_cached, snapshot
 from yem import atomic, cache
 from yem.errors import CacheError, DataError, WriteError
 
@@ -218,12 +218,7 @@ def test_temporaries_of_a_running_writer_are_left_alone(tmp_path):
 def test_a_stage_meeting_a_full_disk_keeps_its_previous_cache(tmp_path, tiny_model_dir, monkeypatch):
     from stages.latents import main
 
-    project = small_project(tmp_path / "project")
-    assert preflight_in_process(project).exit_code == 0
-    args = ["--params", str(project / "params.yaml"), "--hardware", str(project / "build/preflight.json"),
-            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents")]
-    assert CliRunner().invoke(main, args).exit_code == 0
-    before = snapshot(project / "build")
+    project, args, before = latents_cached(tmp_path / "project")
     real_save, calls = cache.save_file, []
 
     def fills_up_on_the_second_file(tensors, filename, metadata=None):

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO

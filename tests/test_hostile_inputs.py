@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests import corpus
-from tests.corpus import preflight_in_process, preflight_stage, small_project, snapshot
+from tests.corpus import latents_cached, preflight_in_process, preflight_stage, small_project, snapshot
 from tests.conftest import REPO
 from tests.images import toy_subject
 from yem import atomic, data
@@ -458,12 +458,7 @@ def test_the_preflight_stage_refuses_bad_input_in_one_line_and_keeps_its_outputs
 def test_the_latents_stage_keeps_its_previous_cache_when_an_image_changed_under_it(tmp_path, tiny_model_dir):
     from stages.latents import main
 
-    project = small_project(tmp_path / "project")
-    assert preflight_in_process(project).exit_code == 0
-    args = ["--params", str(project / "params.yaml"), "--hardware", str(project / "build/preflight.json"),
-            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents")]
-    assert CliRunner().invoke(main, args).exit_code == 0
-    before = snapshot(project / "build")
+    project, args, before = latents_cached(tmp_path / "project")
     changed = project / "data/instance/dog2.png"  # the last one: dog0 and dog1 were already re-encoded
     toy_subject(7, (80, 72)).save(changed)
     result = CliRunner().invoke(main, args)

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from tests.corpus import preflight_in_process, small_project, snapshot
+from tests.corpus import latents_cached, snapshot
 from yem import sd3
 from yem.errors import ModelError
 from yem.params import ModelParams, set_values
@@ -132,12 +132,7 @@ def test_an_unknown_model_and_an_unknown_revision(hub_refuses):
 def test_the_latents_stage_stops_in_one_line_and_keeps_its_previous_cache(tmp_path, tiny_model_dir):
     from stages.latents import main
 
-    project = small_project(tmp_path / "project")
-    assert preflight_in_process(project).exit_code == 0
-    args = ["--params", str(project / "params.yaml"), "--hardware", str(project / "build/preflight.json"),
-            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents")]
-    assert CliRunner().invoke(main, args).exit_code == 0
-    before = snapshot(project / "build")
+    project, args, before = latents_cached(tmp_path / "project")
     set_values(project / "params.yaml", {"model.id": "yem-tests/never-downloaded"})
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
