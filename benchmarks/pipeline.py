@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE_TIMEOUT_S = 900
 sys.path.insert(0, str(REPO))
 
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
@@ -58,6 +57,17 @@ def build_random_sd3(folder: Path) -> None:
     pipeline.save_pretrained(folder)
 
 
+def build_in_child(folder: Path) -> None:
+    """Build in another process, so that nvidia-smi's readings of the stages don't include the model built."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("spawn").Process(target=build_random_sd3, args=(folder,))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"building the random model failed (exit {child.exitcode})")
+
+
 class GpuMemory:
     """Peak GPU memory of everything running, sampled with nvidia-smi while a stage runs."""
 
@@ -74,6 +84,8 @@ class GpuMemory:
         self._thread.join()
 
     def _sample(self):
+        if not shutil.which("nvidia-smi"):
+            return  # no NVIDIA GPU: the allocator column (0 on a CPU) is all there is
         while not self._stop.wait(0.2):
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                  capture_output=True, text=True)
@@ -97,7 +109,7 @@ def make_project(workdir: Path, model: Path, args) -> Path:
     return project
 
 
-def run_stages(project: Path, only: set[str] | None = None) -> list[dict]:
+def run_stages(project: Path, timeout_s: float, only: set[str] | None = None) -> list[dict]:
     from ruamel.yaml import YAML
 
     stages = YAML(typ="safe").load((project / "dvc.yaml").read_text())["stages"]
@@ -105,15 +117,39 @@ def run_stages(project: Path, only: set[str] | None = None) -> list[dict]:
     for name, spec in stages.items():
         if only and name not in only:
             continue
+        print(f"{name}: running", flush=True)
         started = time.perf_counter()
         with GpuMemory() as gpu:
-            print(f"{name}: running", flush=True)
-        result = subprocess.run(spec["cmd"], shell=True, cwd=project, timeout=STAGE_TIMEOUT_S)  # output shown live
-        if result.returncode != 0:
-            raise SystemExit(f"stage {name} failed (exit {result.returncode}); its output is above")
-        rows.append({"stage": name, "seconds": time.perf_counter() - started, "peak_gpu_gib": gpu.peak_mib / 1024})
-        print(f"{name}: {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_gpu_gib']:.1f} GiB", flush=True)
+            peak_file = project / f"{name}.peak.json"
+            command = spec["cmd"].replace("python -m ", f"{sys.executable} {REPO / 'benchmarks/stage_peak.py'} "
+                                          f"{peak_file} -m ", 1)
+            process = subprocess.Popen(command, shell=True, cwd=project)  # its output is shown live
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                dump_stacks(process.pid)
+                process.kill()
+                raise SystemExit(f"stage {name} ran past {timeout_s:.0f} s: its stacks are above")
+        if process.returncode != 0:
+            raise SystemExit(f"stage {name} failed (exit {process.returncode}); its output is above")
+        allocated = json.loads(peak_file.read_text())["peak_allocated_gib"]
+        rows.append({"stage": name, "seconds": time.perf_counter() - started, "peak_gpu_gib": gpu.peak_mib / 1024,
+                     "peak_allocated_gib": allocated})
+        print(f"{name}: {rows[-1]['seconds']:.1f} s, peak {rows[-1]['peak_gpu_gib']:.1f} GiB (nvidia-smi), "
+              f"{allocated:.2f} GiB (torch allocator)", flush=True)
     return rows
+
+
+def dump_stacks(pid: int) -> None:
+    """Print the Python stacks of a stage that overran (py-spy, when installed), to see where it waits."""
+    import psutil
+
+    spy = shutil.which("py-spy")
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        if spy:
+            subprocess.run([spy, "dump", "--pid", str(process.pid)], timeout=60)
+        else:
+            print(f"pid {process.pid}: {' '.join(process.cmdline())} (install py-spy to see its stack)")
 
 
 def main() -> None:
@@ -122,29 +158,33 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeat-train", action="store_true", help="then rerun train (rank 8) on warm caches")
+    parser.add_argument("--stage-timeout", type=float, default=900, help="seconds before a stage's stacks are "
+                        "printed and it is stopped")
+    parser.add_argument("--model", help="an existing model instead (a diffusers folder, or tiny for a quick check "
+                        "of this script on a CPU); default: build a random SD3-medium in the workdir")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    model = args.workdir / "sd3-medium-random"
+    model = args.model or args.workdir / "sd3-medium-random"
     begin = time.perf_counter()
-    if not (model / "model_index.json").exists():
-        build_random_sd3(model)
+    if not args.model and not (model / "model_index.json").exists():
+        build_in_child(model)
     build_s = time.perf_counter() - begin
     project = make_project(args.workdir, model, args)
-    rows = run_stages(project)
+    rows = run_stages(project, args.stage_timeout)
     first = json.loads((project / "metrics/train.json").read_text())
     report = {"build_model_s": build_s, "stages": rows, "train": first}
     if args.repeat_train:
         from yem.params import set_values
 
         set_values(project / "params.yaml", {"train.rank": 8, "train.alpha": 8})
-        report["repeat"] = run_stages(project, {"train"})
+        report["repeat"] = run_stages(project, args.stage_timeout, {"train"})
         report["repeat_train"] = json.loads((project / "metrics/train.json").read_text())
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     print(f"\nmodel built in {build_s:.0f} s (not part of the pipeline)")
-    print(f"{'stage':<10}{'wall s':>8}{'peak GPU GiB':>14}")
+    print(f"{'stage':<10}{'wall s':>8}{'nvidia-smi GiB':>16}{'allocated GiB':>15}")
     for row in rows + [dict(r, stage="train r8") for r in report.get("repeat", [])]:
-        print(f"{row['stage']:<10}{row['seconds']:>8.1f}{row['peak_gpu_gib']:>14.1f}")
+        print(f"{row['stage']:<10}{row['seconds']:>8.1f}{row['peak_gpu_gib']:>16.1f}{row['peak_allocated_gib']:>15.2f}")
     print(f"{'total':<10}{sum(r['seconds'] for r in rows):>8.1f}")
     for label, metrics in (("train", first), ("train r8", report.get("repeat_train"))):
         if metrics:
