@@ -86,7 +86,8 @@ def settings_for(args, variant: str):
     base = load_params(Path(__file__).resolve().parents[1] / "params.yaml").train
     return dataclasses.replace(base, steps=args.warmup + args.steps, batch_size=args.batch, rank=args.rank,
                                alpha=float(args.rank), learning_rate=1e-4, lr_scheduler="constant",
-                               lr_warmup_steps=0, targets=args.targets, **VARIANTS[variant])
+                               lr_warmup_steps=0, targets=args.targets, saved_activations=args.saved_activations,
+                               **VARIANTS[variant])
 
 
 def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dtype):
@@ -135,13 +136,15 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
     sync()
     warmup_s = time.perf_counter() - started
     seconds = median_seconds(args, step, device, sync)
+    peak = memory.peak_bytes(device)  # before counting FLOPs: under FlopCounterMode the step runs unfused
     loss = step(args.warmup)
     flops = count_flops(step, args.warmup + 1)
     row = {"model": args.model, "device": device_label(device), "variant": variant, "resolution": resolution,
            "batch": args.batch, "rank": args.rank, "s_per_step": seconds,
-           "peak_gib": memory.peak_bytes(device) / memory.GIB, "tflop_per_step": flops / 1e12,
+           "peak_gib": peak / memory.GIB, "tflop_per_step": flops / 1e12,
            "tflops": flops / seconds / 1e12, "warmup_s": warmup_s,
-           "loss_finite": bool(torch.isfinite(torch.as_tensor(loss)))}
+           "loss_finite": bool(torch.isfinite(torch.as_tensor(loss))),
+           "saved_activations": args.saved_activations, "sdpa": args.sdpa}
     row["pct_of_matmul"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
     del step
     import gc
@@ -219,8 +222,18 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--saved-activations", type=float, default=1.0, help="train.saved_activations for the "
+                        "compiled variants: the share of activations kept for backward (the rest is recomputed)")
+    parser.add_argument("--sdpa", nargs="+", choices=["cudnn", "flash", "efficient", "math"], help="attention "
+                        "backends to try first, in this order (default: torch's own priority)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        sdpa_kernel([names[n] for n in args.sdpa], set_priority=True).__enter__()  # for the whole run
     peak = matmul_tflops(args.device, getattr(torch, args.dtype))
     rows = [measure(args, variant, resolution, peak) for resolution in args.resolution for variant in args.variants]
     if args.json:

@@ -112,12 +112,7 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
     sigma_table = sigma_table.to(accelerator.device, torch.float32)
     plan = autobatch.plan(transformer, data, sigma_table, settings, dtype, budget, accelerator.num_processes, draw_u)
     autobatch.set_checkpointing(transformer, plan.checkpointing)
-    graphs = False
-    if settings.compile is True or (settings.compile == "auto" and backend == "cuda"):
-        mode = COMPILE_MODES.get(backend, "default")
-        graphs = mode == "reduce-overhead"
-        for block in transformer.transformer_blocks:  # regional: the identical blocks share one compilation
-            block.compile(dynamic=False, mode=mode)
+    graphs = compile_blocks(transformer, backend, settings)
     optimizer, fused = adamw(params, settings)
     scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps,
                               num_training_steps=settings.steps)
@@ -130,6 +125,22 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
                sensor=thermal.detect(backend),
                # on a CPU other processes swing step time far more than heat does: watch the sensor only
                heat=thermal.Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"), graphs=graphs)
+
+
+def compile_blocks(transformer: torch.nn.Module, backend: str, settings: TrainParams) -> bool:
+    """Regional torch.compile: each transformer block on its own, so the identical blocks share one
+    compilation. Returns whether the blocks replay CUDA graphs."""
+    if not (settings.compile is True or (settings.compile == "auto" and backend == "cuda")):
+        return False
+    from torch._functorch import config as functorch_config
+
+    # Below 1, the partitioner keeps only this share of the activations for backward and recomputes the rest
+    # (cheap pointwise ops first) inside the fused backward: far less time than checkpointing whole blocks.
+    functorch_config.activation_memory_budget = settings.saved_activations
+    mode = COMPILE_MODES.get(backend, "default")
+    for block in transformer.transformer_blocks:
+        block.compile(dynamic=False, mode=mode)
+    return mode == "reduce-overhead"
 
 
 def adamw(params: list[torch.nn.Parameter], settings: TrainParams) -> tuple[torch.optim.Optimizer, bool]:
