@@ -11,7 +11,7 @@ STAMP := $(VENV)/.yem-deps-$(shell cat pyproject.toml Makefile | cksum | cut -d'
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip "setuptools>=69"
-	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[test]"
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[test,lowmem]"
 	touch $@
 
 install: $(STAMP)

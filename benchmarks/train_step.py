@@ -2,13 +2,17 @@
 
     python benchmarks/train_step.py --model sd3-medium --resolution 1024 512 --variants eager compiled
     python benchmarks/train_step.py --device mps --model sd3-medium --resolution 512 --variants eager
+    python benchmarks/train_step.py --device cpu --dtype float32 --resolution 256 --quantize-base int8
 
 Builds the transformer at the real config directly on the device (random weights in the training dtype),
 synthetic cached latents and prompt embeddings of the real shapes, then runs `yem.train.update` — the exact
 step the train stage runs (LoRA via peft, fused AdamW, on-device sigma sampling, no host sync inside the
 step). Prints a table: s/step (median of timed steps after warm-up), peak memory, FLOPs per step (counted by
 torch's FlopCounterMode on the real step), achieved TFLOP/s and its share of a large bf16 matmul measured on
-the same device, and the compile time (time of the warm-up steps beyond the eager ones).
+the same device, and the compile time (time of the warm-up steps beyond the eager ones). `--quantize-base int8`
+stores the frozen base in int8 first, as train.quantize_base does; the weights column is the transformer's exact
+size (parameters and buffers, int8 data and scales) before the adapter. On a CPU the peak is the process's peak
+RSS, which memory freed by an earlier row can inflate: compare quantized and not in separate runs there.
 """
 
 import argparse
@@ -87,6 +91,7 @@ def settings_for(args, variant: str):
     return dataclasses.replace(base, steps=args.warmup + args.steps, batch_size=args.batch, rank=args.rank,
                                alpha=float(args.rank), learning_rate=1e-4, lr_scheduler="constant",
                                lr_warmup_steps=0, targets=args.targets, saved_activations=args.saved_activations,
+                               quantize_base=args.quantize_base,
                                **VARIANTS[variant])
 
 
@@ -94,10 +99,12 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
     """A function step(number) running one training step of `variant` on fresh random weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from yem import train
+    from yem import sd3, train
     from yem.params import ThermalParams
 
-    transformer = build_transformer(args.model, dtype, accelerator.device)
+    transformer = sd3.quantize_frozen_base(build_transformer(args.model, dtype, accelerator.device),
+                                           args.quantize_base)
+    args.weight_bytes = weight_bytes(transformer)
     data = synthetic_set(8, resolution, args.device)
     if variant.startswith("reference"):
         import reference_step
@@ -120,6 +127,18 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
     return lambda number: train.update(run, number)
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Exact bytes of a module's parameters and buffers; quantized tensors (tensor subclasses) count their
+    inner tensors (int8 data, scales)."""
+    def size(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    return sum(size(t) for t in [*module.parameters(), *module.buffers()])
+
+
 def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> dict:
     from yem import memory, train
     from yem.params import ThermalParams
@@ -140,7 +159,8 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
     loss = step(args.warmup)
     flops = count_flops(step, args.warmup + 1)
     row = {"model": args.model, "device": device_label(device), "variant": variant, "resolution": resolution,
-           "batch": args.batch, "rank": args.rank, "s_per_step": seconds,
+           "batch": args.batch, "rank": args.rank, "s_per_step": seconds, "quantize_base": args.quantize_base,
+           "weights_gib": getattr(args, "weight_bytes", 0) / memory.GIB,
            "peak_gib": peak / memory.GIB, "tflop_per_step": flops / 1e12,
            "tflops": flops / seconds / 1e12, "warmup_s": warmup_s,
            "loss_finite": bool(torch.isfinite(torch.as_tensor(loss))),
@@ -226,6 +246,8 @@ def main() -> None:
                         "compiled variants: the share of activations kept for backward (the rest is recomputed)")
     parser.add_argument("--sdpa", nargs="+", choices=["cudnn", "flash", "efficient", "math"], help="attention "
                         "backends to try first, in this order (default: torch's own priority)")
+    parser.add_argument("--quantize-base", choices=["none", "int8"], default="none", help="train.quantize_base: "
+                        "int8 stores the frozen base in int8 (optimum-quanto) before the adapter is attached")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.sdpa:
@@ -243,13 +265,15 @@ def main() -> None:
 
 def print_table(rows: list[dict], peak: float | None) -> None:
     print(f"\nmatmul ceiling: {peak:.0f} TFLOP/s" if peak else "\nmatmul ceiling: n/a (cpu)")
-    header = f"{'model':<13}{'variant':<23}{'res':>5}{'bs':>3}{'s/step':>9}{'peak GiB':>9}{'TFLOP':>7}" \
+    header = f"{'model':<13}{'variant':<23}{'res':>5}{'bs':>3}{'s/step':>9}{'weights':>8}{'peak GiB':>9}{'TFLOP':>7}" \
              f"{'TFLOP/s':>9}{'% mm':>6}{'warm-up s':>10}"
     print(header)
     for r in rows:
         pct = f"{r['pct_of_matmul']:.0f}" if r["pct_of_matmul"] is not None else "-"
-        print(f"{r['model']:<13}{r['variant']:<23}{r['resolution']:>5}{r['batch']:>3}{r['s_per_step']:>9.4f}"
-              f"{r['peak_gib']:>9.2f}{r['tflop_per_step']:>7.1f}{r['tflops']:>9.1f}{pct:>6}{r['warmup_s']:>10.1f}")
+        variant = r["variant"] + ("+int8" if r["quantize_base"] == "int8" else "")
+        print(f"{r['model']:<13}{variant:<23}{r['resolution']:>5}{r['batch']:>3}{r['s_per_step']:>9.4f}"
+              f"{r['weights_gib']:>8.2f}{r['peak_gib']:>9.2f}{r['tflop_per_step']:>7.1f}{r['tflops']:>9.1f}{pct:>6}"
+              f"{r['warmup_s']:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,10 @@ def test_set_values_keeps_comments_and_refuses_invalid(tmp_path):
     with pytest.raises(ParamsError, match="no such key"):
         set_values(path, {"train.rnak": 2})
     assert load_params(path).train.rank == 8  # the refused writes left the file as it was
+
+
+def test_quantize_base_names_the_key_and_the_nearest_value(tmp_path):
+    assert load_params(edited(tmp_path, lambda d: d["train"].update(quantize_base="int8"))).train.quantize_base \
+        == "int8"
+    found = problems(edited(tmp_path, lambda d: d["train"].update(quantize_base="int4")))
+    assert found == ["train.quantize_base: expected 'none' or 'int8' (got 'int4'). Did you mean 'int8'?"]

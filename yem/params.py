@@ -85,6 +85,7 @@ class TrainParams:
     gradient_checkpointing: bool | Auto
     compile: bool | Auto  # torch.compile each transformer block; auto: on CUDA
     saved_activations: float = rule(above=0, at_most=1)  # compiled blocks keep this share for backward
+    quantize_base: Literal["none", "int8"]  # int8: the frozen transformer blocks' Linears in int8 (optimum-quanto)
     weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]
     logit_mean: float
     logit_std: float = rule(above=0)

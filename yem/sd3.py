@@ -87,6 +87,23 @@ def load_transformer(model: ModelParams, dtype, device):
     return transformer.to(device).requires_grad_(False)
 
 
+def quantize_frozen_base(transformer, kind: str):
+    """Store the frozen Linear weights of the transformer blocks in int8 (optimum-quanto, weight-only: each
+    matmul dequantizes to the compute dtype), before the adapter is attached; peft wraps the quantized Linears
+    like plain ones. Embedders, final norm and output projection stay in the training dtype. `kind` "none"
+    returns the transformer untouched."""
+    if kind == "none":
+        return transformer
+    try:
+        from optimum.quanto import freeze, qint8, quantize
+    except ImportError:
+        raise ModelError("train.quantize_base: int8 needs optimum-quanto, which is not installed. Install it "
+                         "(`pip install 'yem[lowmem]'`), or set train.quantize_base: none.") from None
+    quantize(transformer, weights=qint8, include="transformer_blocks.*")
+    freeze(transformer)  # int8 weights replace the float ones, module by module
+    return transformer
+
+
 def load_training_scheduler(model: ModelParams):
     """A fresh flow-matching scheduler: its un-stepped sigma table (1000 entries, shift applied) for training."""
     from diffusers import FlowMatchEulerDiscreteScheduler

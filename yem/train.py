@@ -78,7 +78,9 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
     accelerator = make_accelerator(backend, heat)
     budget = memory.Budget(int(hardware["memory_budget_gib"] * memory.GIB), "build/preflight.json")
     progress.note(memory.apply_budget(budget, memory.read(backend)), prefix="memory")
-    return assemble(accelerator, sd3.load_transformer(model, dtype, accelerator.device),
+    transformer = sd3.quantize_frozen_base(sd3.load_transformer(model, dtype, accelerator.device),
+                                           settings.quantize_base)
+    return assemble(accelerator, transformer,
                     trainset.load_training_set(latents_dir, embeds_dir, accelerator.device),
                     sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
                     run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
