@@ -159,6 +159,18 @@ def test_sd35_large_weights_alone_do_not_fit_a_16gb_mac():
     assert not verdicts["train"].fits and any("weights alone" in a for a in verdicts["train"].advice)
 
 
+def test_an_int8_base_halves_the_training_weights_and_is_offered_where_weights_bind():
+    plain, int8 = (estimate.train_stage(SD3_MEDIUM, work(quantized_base=q)).parts["transformer weights"]
+                   for q in (False, True))
+    assert int8 == pytest.approx(2.12 * GIB, rel=0.05) and plain == pytest.approx(3.99 * GIB, rel=0.05)
+    verdicts = {v.stage: v for v in estimate.verdicts(SD35_LARGE, work(checkpointing=True), memory.budget(MAC_16).bytes,
+                                                      "16 GB Mac")}
+    assert any("set train.quantize_base: int8" in a for a in verdicts["train"].advice)
+    already = {v.stage: v for v in estimate.verdicts(SD35_LARGE, work(checkpointing=True, quantized_base=True),
+                                                     memory.budget(MAC_16).bytes, "16 GB Mac")}
+    assert not any("quantize_base" in a for a in already["train"].advice)
+
+
 def test_auto_settings_resolve_as_training_would():
     params = load_params(REPO / "params.yaml")
     auto = dataclasses.replace(params.train, batch_size="auto", gradient_checkpointing="auto")
@@ -177,3 +189,4 @@ def test_workload_follows_params_yaml():
     assert (found.resolution, found.rank, found.targets) == (params.data.resolution, params.train.rank,
                                                              len(params.train.targets))
     assert found.text_tokens == 77 + params.encode.max_sequence_length and found.use_t5 == params.encode.use_t5
+    assert found.quantized_base == (params.train.quantize_base == "int8")

@@ -198,5 +198,6 @@ def too_big(peak: int | None, budget: int, checkpointing: bool) -> HardwareError
     return HardwareError(f"train.batch_size: one image per step {needed} even with gradient checkpointing, over "
                          f"{PLAN_MARGIN:.0%} of the {gib(budget)} memory budget (got batch 1). Lower data.resolution "
                          f"(512 px needs about a quarter of the activations of 1024 px), train a smaller base (SD3.5 "
-                         f"medium rather than large; yem does not quantize the base yet), close other apps or raise "
-                         f"device.memory_limit_gib if you lowered it; see `yem doctor`.")
+                         f"medium rather than large), set train.quantize_base: int8 (about half the weights' memory; "
+                         f"pip install 'yem[lowmem]'), close other apps or raise device.memory_limit_gib if you "
+                         f"lowered it; see `yem doctor`.")

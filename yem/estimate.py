@@ -60,6 +60,9 @@ from yem.params import Params, TrainParams
 CLIP_TOKENS = 77
 ENCODE_CHUNK = 8  # prompts per text-encoder call (yem.text.CHUNK)
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
+# Share of SD3-medium's transformer parameters that int8 stores in one byte (the blocks' Linears): its bf16
+# weights measured 3.99 GiB, int8 2.12 GiB with the scales (benchmarks/RESULTS.md, CPU int8 section).
+INT8_QUANTIZED_SHARE = 0.94
 LATENT_CHANNELS, VAE_SCALE = 16, 8
 
 KEPT_IMAGE_AT_DTYPE, KEPT_IMAGE_FP32, KEPT_TEXT_AT_DTYPE = 6.1, 6.1, 8.5
@@ -211,6 +214,7 @@ class Workload:
     targets: int  # LoRA target modules per block
     use_t5: bool
     t5_tokens: int
+    quantized_base: bool = False  # train.quantize_base: int8
     images: int = 30
     prompts: int = 30
 
@@ -226,7 +230,8 @@ def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30) -
                     render_resolution=params.render.resolution or params.data.resolution,
                     batch_size=1 if train.batch_size == "auto" else train.batch_size,
                     checkpointing=train.gradient_checkpointing is True, rank=train.rank, targets=len(train.targets),
-                    use_t5=params.encode.use_t5, t5_tokens=params.encode.max_sequence_length, images=images,
+                    use_t5=params.encode.use_t5, t5_tokens=params.encode.max_sequence_length,
+                    quantized_base=train.quantize_base == "int8", images=images,
                     prompts=images + len(params.prompts.validation) + 1)
 
 
@@ -268,10 +273,18 @@ def latents_stage(arch: Architecture, work: Workload) -> StageEstimate:
 def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
     latent = (work.resolution // VAE_SCALE) ** 2 * LATENT_CHANNELS * 4
     cached = work.images * 2 * latent + work.prompts * work.text_tokens * arch.joint_dim * 4  # means + stds, embeds
-    return StageEstimate("train", {"transformer weights": arch.transformer_params * work.dtype_bytes,
+    return StageEstimate("train", {"transformer weights": training_weights(arch, work),
                                    "LoRA + AdamW": lora_params(arch, work) * LORA_BYTES_PER_PARAM,
                                    "cached latents + embeddings": cached,
                                    "activations": _allocated(train_activations(arch, work), work)})
+
+
+def training_weights(arch: Architecture, work: Workload) -> float:
+    """The frozen base in training: int8 stores the blocks' Linear weights (most of the parameters) in one byte."""
+    if not work.quantized_base:
+        return arch.transformer_params * work.dtype_bytes
+    share = INT8_QUANTIZED_SHARE
+    return arch.transformer_params * (share * 1 + (1 - share) * work.dtype_bytes)
 
 
 def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
@@ -394,7 +407,7 @@ def advise(stage: str, arch: Architecture, work: Workload, budget: int, machine:
     weights = sum(size for part, size in STAGES[stage](arch, work).parts.items() if "weights" in part)
     if stage in ("train", "render") and weights > _limit(stage, budget):
         advice.append(f"{machine}: the {arch.name} weights alone exceed the budget; use a smaller base model (SD3.5 "
-                      f"medium rather than large; yem does not quantize the base yet) or a machine with more memory")
+                      f"medium rather than large) or a machine with more memory")
     return advice
 
 
@@ -413,6 +426,8 @@ def _changes(stage: str, work: Workload) -> list[tuple[str, Workload]]:
     found = [] if work.checkpointing else [("train.gradient_checkpointing: auto", replace(work, checkpointing=True))]
     if work.batch_size > 1:
         found.append(("train.batch_size: auto", replace(work, batch_size=1)))
+    if not work.quantized_base:
+        found.append(("train.quantize_base: int8", replace(work, quantized_base=True)))
     smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
     also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
     return found + [(f"data.resolution: {half}{also}", smaller)]
