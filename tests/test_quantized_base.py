@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_training import train
+from tests.test_training import render_change, train
 from yem import lora_file
 
 
@@ -22,8 +22,6 @@ def test_int8_base_learns_like_the_plain_one(project):
 
 
 def test_int8_lora_has_the_plain_keys_and_changes_an_unquantized_pipeline(project, tiny_model_dir):
-    from diffusers import StableDiffusion3Pipeline
-
     root = project[0]
     train(project, "lora-int8-keys", steps=20, quantize_base="int8")
     train(project, "lora-plain-keys", steps=1)
@@ -32,16 +30,7 @@ def test_int8_lora_has_the_plain_keys_and_changes_an_unquantized_pipeline(projec
     assert sorted(saved) == sorted(plain)
     assert all(v.dtype == plain[k].dtype and v.shape == plain[k].shape for k, v in saved.items())
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-
-    def render() -> np.ndarray:
-        return pipe("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images[0]
-
-    before = render()
-    pipe.load_lora_weights(str(weights.parent))
-    assert np.abs(render() - before).max() > 1e-3, "the LoRA did not change the image"
+    assert render_change(tiny_model_dir, weights)[1] > 1e-3, "the LoRA did not change the image"
 
 
 def test_int8_quantizes_the_block_linears_only(tiny_model_dir):

@@ -30,15 +30,24 @@ def test_heldout_flow_loss_drops_after_training(project):
 
 
 def test_saved_lora_loads_in_diffusers_changes_output_and_keeps_alpha(project, tiny_model_dir):
-    from diffusers import StableDiffusion3Pipeline
-
     root = project[0]
     train(project, "lora-alpha", steps=20, rank=4, alpha=8.0)
     weights = root / "lora-alpha" / lora_file.WEIGHT_NAME
     assert lora_file.adapter_config(weights)["lora_alpha"] == 8.0
     assert lora_file.read_metadata(weights)["yem.base_model"] == "tiny"
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    pipe, change = render_change(tiny_model_dir, weights)
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert layer.scaling["default_0"] == pytest.approx(8.0 / 4)  # alpha / rank survived the round trip
+    assert change > 1e-3, "the LoRA did not change the image"
+
+
+def render_change(model_dir, weights):
+    """Render a fixed image with the plain diffusers pipeline, load the LoRA file `weights` with
+    load_lora_weights, render again. Returns the pipeline and the largest pixel change."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
 
     def render() -> np.ndarray:
@@ -46,11 +55,8 @@ def test_saved_lora_loads_in_diffusers_changes_output_and_keeps_alpha(project, t
                     generator=torch.Generator().manual_seed(0)).images[0]
 
     before = render()
-    pipe.load_lora_weights(str(weights.parent))
-    after = render()
-    layer = pipe.transformer.transformer_blocks[0].attn.to_q
-    assert layer.scaling["default_0"] == pytest.approx(8.0 / 4)  # alpha / rank survived the round trip
-    assert np.abs(after - before).max() > 1e-3, "the LoRA did not change the image"
+    pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+    return pipe, float(np.abs(render() - before).max())
 
 
 def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(project):
