@@ -1,4 +1,4 @@
-"""Training on several devices: the train stage relaunches itself under `accelerate launch` (DDP).
+"""Several devices: the train stage (DDP) and the render stage relaunch themselves under `accelerate launch`.
 
 `train.devices: auto` uses every visible GPU; a number asks for that many processes (on a CPU they talk over
 gloo, which is how CI checks the distributed path). `dvc repro` and the one-liner need nothing more: the stage
@@ -12,8 +12,8 @@ import sys
 from yem.errors import HardwareError
 
 
-def process_count(devices: int | str, backend: str) -> int:
-    """How many training processes `train.devices` asks for on this backend."""
+def process_count(devices: int | str, backend: str, key: str = "train.devices") -> int:
+    """How many processes `devices` (the params value at `key`) asks for on this backend."""
     if backend != "cuda":
         return devices if isinstance(devices, int) else 1  # MPS is one device; several CPU processes only on request
     import torch
@@ -21,13 +21,18 @@ def process_count(devices: int | str, backend: str) -> int:
     visible = torch.cuda.device_count()
     wanted = visible if devices == "auto" else devices
     if wanted > visible:
-        raise HardwareError(f"train.devices: {wanted} GPUs asked for, {visible} visible (got {devices}). Set "
-                            f"train.devices: auto, or check CUDA_VISIBLE_DEVICES.")
+        raise HardwareError(f"{key}: {wanted} GPUs asked for, {visible} visible (got {devices}). Set "
+                            f"{key}: auto, or check CUDA_VISIBLE_DEVICES.")
     return wanted
 
 
 def inside_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch, or a process that was not launched: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def relaunch(module: str, args: list[str], processes: int) -> int:

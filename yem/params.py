@@ -120,6 +120,7 @@ class RenderParams:
     guidance_scale: float = rule(at_least=0)
     resolution: int | None = rule(at_least=64, at_most=4096, multiple_of=16)  # null: the training resolution
     checkpoints: list[int] = rule(each_at_least=1)  # steps of intermediate adapters to render as extra rows
+    devices: int | Auto = rule(at_least=1)  # processes (GPUs) sharing the images; auto: all visible
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,36 +19,65 @@ ROW_LABEL_WIDTH = 64  # px left of the images: the row's name (base, lora)
 
 
 def render_validation(model: ModelParams, settings: RenderParams, hardware: dict, embeds_dir: Path,
-                      lora_dir: Path, out_dir: Path) -> dict:
-    """Write base/, step-N/ (render.checkpoints), lora/ PNGs and grid.png into `out_dir`; return the index."""
-    backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
+                      lora_dir: Path, out_dir: Path | None) -> dict | None:
+    """Write base/, step-N/ (render.checkpoints), lora/ PNGs and grid.png into `out_dir`; return the index.
+
+    Under `accelerate launch` (render.devices > 1) each process renders its share of rows × prompts × seeds on
+    its own device and hands the images to the main process, which alone writes (other processes pass
+    out_dir None and get None).
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=hardware["backend"] == "cpu")
     weights = lora_dir / lora_file.WEIGHT_NAME
     resolution = settings.resolution or int(lora_file.read_metadata(weights)["yem.resolution"])
     embeds = cache.read_index(embeds_dir)
     prompts = [embeds["texts"][key] for key in embeds["validation"]]
     conditions = [_condition(embeds_dir, key, embeds["negative"]) for key in embeds["validation"]]
-    device.empty_cache(backend)
-    pipeline = sd3.load_render_pipeline(model, dtype, backend)
     adapters = {"base": None, **{f"step {n}": lora_dir / "steps" / f"step-{n:08d}.safetensors"
                                  for n in settings.checkpoints}, "lora": weights}
-    images: dict[str, list[Image.Image]] = {}
-    with progress.bar(len(adapters) * len(prompts) * len(settings.seeds), "render", "img") as bar:
-        for row, adapter in adapters.items():
-            if adapter is not None:
-                pipeline.unload_lora_weights()
-                pipeline.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
-            images[row] = [_render(pipeline, condition, seed, settings, resolution, dtype, bar)
-                           for condition in conditions for seed in settings.seeds]
-    cells = [{"prompt": prompt, "seed": seed, "file": f"p{p}-s{seed}.png"}
-             for p, prompt in enumerate(prompts) for seed in settings.seeds]
+    cells = [{"prompt": prompt, "seed": seed, "file": f"p{p}-s{seed}.png", "condition": condition}
+             for p, (prompt, condition) in enumerate(zip(prompts, conditions)) for seed in settings.seeds]
+    jobs = [(row, c) for row in adapters for c in range(len(cells))]
+    mine = jobs[state.process_index::state.num_processes]
+    rendered = _render_jobs(model, settings, hardware, state, adapters, cells, mine, resolution)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rendered = gather_object(rendered)  # every process's (row, cell, image), in process order
+    if not state.is_main_process:
+        return None
+    found = {(row, c): image for row, c, image in rendered}
+    images = {row: [found[row, c] for c in range(len(cells))] for row in adapters}
     for row, row_images in images.items():
         folder = row.replace(" ", "-")  # "step 50" -> step-50/
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
         for cell, image in zip(cells, row_images):
             image.save(out_dir / folder / cell["file"])
     grid(images, [f"{c['prompt']} · seed {c['seed']}" for c in cells]).save(out_dir / "grid.png")
-    return {"rows": list(images), "cells": cells, "grid": "grid.png", "resolution": resolution,
-            "steps": settings.steps, "guidance_scale": settings.guidance_scale}
+    return {"rows": list(images), "cells": [{k: c[k] for k in ("prompt", "seed", "file")} for c in cells],
+            "grid": "grid.png", "resolution": resolution, "steps": settings.steps,
+            "guidance_scale": settings.guidance_scale}
+
+
+def _render_jobs(model: ModelParams, settings: RenderParams, hardware: dict, state, adapters: dict,
+                 cells: list[dict], jobs: list[tuple[str, int]], resolution: int) -> list[tuple]:
+    """Render `jobs` ((row, cell index) pairs, grouped by row) on this process's device: [(row, cell, image)]."""
+    backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
+    place = state.device if state.num_processes > 1 else backend  # cuda:<local rank> under a launch
+    device.empty_cache(backend)
+    pipeline = sd3.load_render_pipeline(model, dtype, place)
+    rendered, loaded = [], None
+    with progress.bar(len(jobs), "render", "img") as bar:
+        for row, c in jobs:
+            if row != loaded:
+                pipeline.unload_lora_weights()
+                if adapters[row] is not None:
+                    pipeline.load_lora_weights(str(adapters[row].parent), weight_name=adapters[row].name)
+                loaded = row
+            image = _render(pipeline, cells[c]["condition"], cells[c]["seed"], settings, resolution, dtype, bar)
+            rendered.append((row, c, image))
+    return rendered
 
 
 def _condition(embeds_dir: Path, key: str, negative: str) -> dict[str, torch.Tensor]:

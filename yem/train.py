@@ -84,7 +84,7 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
                     trainset.load_training_set(latents_dir, embeds_dir, accelerator.device),
                     sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
                     run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
-                        model, settings, hardware, latents_dir, embeds_dir),
+                        model, settings, hardware, latents_dir, embeds_dir, accelerator.num_processes),
                     provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes)
 
 
@@ -302,15 +302,30 @@ def log_rows(first_step: int, losses: list[float], lrs: list[float], seconds: fl
 
 
 def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path,
-                    embeds_dir: Path) -> str:
-    """Identity of a run: what it trains on, how, with which code. Checkpoint policy is not part of it."""
+                    embeds_dir: Path, processes: int = 1) -> str:
+    """Identity of a run: what it trains on, how, with which code. Checkpoint policy is not part of it, nor how
+    the effective batch is split over devices: a run checkpointed on two GPUs resumes on one (or the other way
+    round) when the effective batch is the same, since each sample's randomness follows its global position."""
     from yem import __version__
 
-    how = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("checkpoint")}
+    split = ("checkpoint_every", "checkpoints_keep", "devices", "batch_size", "gradient_accumulation",
+             "effective_batch_size")
+    how = {k: v for k, v in dataclasses.asdict(settings).items() if k not in split}
+    how["effective_batch"] = effective_batch(settings, processes)
     code = [Path(m.__file__) for m in (flow, lora, checkpoint, trainset, objective)] + [Path(__file__)]
     inputs = [p for folder in (latents_dir, embeds_dir) for p in folder.rglob("*") if p.is_file()]
     return checkpoint.fingerprint({"model": dataclasses.asdict(model), "train": how, "hardware": hardware,
                                    "yem": __version__}, inputs + code)
+
+
+def effective_batch(settings: TrainParams, processes: int) -> int | str:
+    """Images per optimizer step as params fix it; with batch_size auto and no effective_batch_size it depends on
+    what fits, so only the same settings on the same number of processes count as the same run."""
+    if settings.effective_batch_size:
+        return settings.effective_batch_size
+    if settings.batch_size == "auto":
+        return f"auto × {settings.gradient_accumulation} × {processes} processes"
+    return settings.batch_size * settings.gradient_accumulation * processes
 
 
 def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, embeds_dir: Path) -> dict[str, str]:
