@@ -5,8 +5,9 @@
 Builds SD3-medium at its real size with random weights (CLIP-L, CLIP-G, T5-XXL, the MMDiT and the VAE; the
 tokenizers are yem's offline ones, whose ids fit the real vocabularies) and saves it as a diffusers folder. Then
 runs the six stages exactly as dvc.yaml lists them (the same commands, in order, in a copy of the project), and
-prints each stage's wall time and peak GPU memory (sampled from nvidia-smi every 0.2 s: whole process, CUDA
-context included), the train stage's launch-to-first-step time, and the total. `--repeat-train` then reruns
+prints each stage's wall time and peak GPU memory, twice: torch's allocator peak (benchmarks/stage_peak.py) and
+nvidia-smi's (sampled every 0.2 s: whole process, CUDA context included), the train stage's launch-to-first-step
+time, and the total. `--repeat-train` then reruns
 the train stage alone with another rank, as `dvc exp run -S train.rank=8` would with warm caches.
 """
 

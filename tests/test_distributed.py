@@ -17,12 +17,18 @@ from yem.params import set_values
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def stage_command(root, name: str, devices: int, batch: int, steps: int = 8) -> list[str]:
+def params_file(root, name: str, values: dict):
+    """The project's params.yaml with `values` set, as root/params-<name>.yaml."""
     params = root / f"params-{name}.yaml"
     params.write_text((REPO / "params.yaml").read_text())
-    set_values(params, {"train.steps": steps, "train.checkpoint_every": 4, "train.devices": devices,
-                        "train.batch_size": batch, "data.instance_dir": "instance", "data.resolution": 64,
-                        "data.random_flip": True})
+    set_values(params, values)
+    return params
+
+
+def stage_command(root, name: str, devices: int, batch: int, steps: int = 8) -> list[str]:
+    params = params_file(root, name, {"train.steps": steps, "train.checkpoint_every": 4, "train.devices": devices,
+                                      "train.batch_size": batch, "data.instance_dir": "instance",
+                                      "data.resolution": 64, "data.random_flip": True})
     return [sys.executable, "-m", "stages.train", "--params", str(params), "--hardware", str(root / "hardware.json"),
             "--latents", str(root / "latents"), "--embeds", str(root / "embeds"), "--out", str(root / name),
             "--metrics", str(root / f"{name}.json"), "--steps-log", str(root / f"{name}.tsv")]
@@ -76,9 +82,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_with_the_same_effective_ba
 
 
 def render_stage(root, name: str, devices: int, lora: str) -> dict:
-    params = root / f"params-{name}.yaml"
-    params.write_text((REPO / "params.yaml").read_text())
-    set_values(params, {"render.devices": devices, "render.steps": 2, "render.seeds": [0, 1]})
+    params = params_file(root, name, {"render.devices": devices, "render.steps": 2, "render.seeds": [0, 1]})
     command = [sys.executable, "-m", "stages.render", "--params", str(params), "--hardware",
                str(root / "hardware.json"), "--embeds", str(root / "embeds"), "--lora", str(root / lora),
                "--out", str(root / name)]

@@ -63,10 +63,9 @@ def render_validation(model: ModelParams, settings: RenderParams, hardware: dict
 def _render_jobs(model: ModelParams, settings: RenderParams, hardware: dict, state, adapters: dict,
                  cells: list[dict], jobs: list[tuple[str, int]], resolution: int) -> list[tuple]:
     """Render `jobs` ((row, cell index) pairs, grouped by row) on this process's device: [(row, cell, image)]."""
-    backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
-    place = state.device if state.num_processes > 1 else backend  # cuda:<local rank> under a launch
-    device.empty_cache(backend)
-    pipeline = sd3.load_render_pipeline(model, dtype, place)
+    dtype = getattr(torch, hardware["dtype"])
+    device.empty_cache(hardware["backend"])
+    pipeline = sd3.load_render_pipeline(model, dtype, state.device)  # cuda:<local rank> under a launch
     rendered, loaded = [], None
     with progress.bar(len(jobs), "render", "img") as bar:
         for row, c in jobs:
