@@ -27,6 +27,18 @@ def test_heldout_flow_loss_drops_after_training(project):
     metrics = result.metrics()
     assert metrics["steps"] == 60 and len(result.rows) == 60
     assert np.isfinite([row["loss"] for row in result.rows]).all()
+    # "before" is measured after training with the adapter switched off: it must be the base model's own value
+    assert result.heldout_before == pytest.approx(base_model_heldout_loss(project), rel=1e-5)
+
+
+def base_model_heldout_loss(project) -> float:
+    from yem import sd3, trainset
+    from yem.objective import heldout_loss
+
+    root, params, hardware = project
+    dtype = getattr(torch, hardware["dtype"])
+    data = trainset.load_training_set(root / "latents", root / "embeds", torch.device("cpu"))
+    return heldout_loss(sd3.load_transformer(params.model, dtype, "cpu"), data, dtype)
 
 
 def test_saved_lora_loads_in_diffusers_changes_output_and_keeps_alpha(project, tiny_model_dir):
@@ -71,3 +83,4 @@ def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(projec
     a, b = (load_file(root / name / lora_file.WEIGHT_NAME) for name in ("lora-eager", "lora-compiled"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+

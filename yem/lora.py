@@ -6,6 +6,8 @@ round trip through `StableDiffusion3Pipeline.load_lora_weights`; yem adds its ow
 
 import difflib
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +27,16 @@ def attach(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[
     # peft creates them in the base dtype; fp32 keeps small updates from vanishing in bf16/fp16 rounding
     cast_training_params(transformer, dtype=torch.float32)
     return [p for p in transformer.parameters() if p.requires_grad]
+
+
+@contextmanager
+def disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model alone while inside: peft skips every adapter's path (the weights stay as they are)."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 def check_targets(transformer: torch.nn.Module, targets: list[str]) -> None:

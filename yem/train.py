@@ -37,12 +37,13 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
     The loop runs in windows of up to LOG_EVERY steps queued on the device without waiting for it; at the end
     of a window it reads the losses back (the only wait), then rolls back, checkpoints or stops as needed.
     """
-    started = time.perf_counter()
+    started, startup = time.perf_counter(), Startup()
+    startup.mark("imports")
     run = prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
-                  heat or ThermalParams(policy="pause", max_pause_s=600))
+                  heat or ThermalParams(policy="pause", max_pause_s=600), startup)
     log = start_or_resume(run)
     resumed_from = log["step"]
-    ready_s = time.time() - psutil.Process().create_time()  # launch (imports included) to the first step
+    startup.mark("first_step")
     memory.reset_peak(hardware["backend"])
     for warning in filter(None, [power.battery_warning()]):
         progress.note(warning)
@@ -51,6 +52,7 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
         bar.update(log["step"])
         while log["step"] < settings.steps:
             reading, seconds = train_window(run, log, stop, bar)
+            startup.mark("first_window")  # compiling included
             stop[:] = agreed(run, list(stop))  # every process stops at the same step
             if log["bad_streak"] >= settings.max_bad_steps:
                 roll_back(run, log)
@@ -67,12 +69,25 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: dict, late
                                       f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
                                       f"command) to resume.")
     log["cpu_fallback_ops"] = fell_back  # MPS ops that ran on the CPU during training (should be none)
-    result = finish(run, log, out_dir, hardware, latents_dir, resumed_from, started, ready_s)
+    result = finish(run, log, out_dir, hardware, latents_dir, resumed_from, started, startup)
     return result if run.accelerator.is_main_process else None
 
 
+@dataclasses.dataclass
+class Startup:
+    """Seconds from the launch of the process (imports included) to each point on the way to full speed: imports,
+    loaded, assembled, first_step, and first_window (the first LOG_EVERY steps done: on CUDA the blocks compile
+    in it). Where a run's start-up time goes (metrics: startup_s)."""
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def mark(self, point: str) -> None:
+        """Record the first time the run gets to `point`."""
+        if point not in self.seconds:
+            self.seconds[point] = round(time.time() - psutil.Process().create_time(), 2)
+
+
 def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
-            project_root: Path, heat: ThermalParams) -> Run:
+            project_root: Path, heat: ThermalParams, startup: Startup) -> Run:
     """Load the cached data and the transformer for `model`, then assemble the run."""
     backend, dtype = hardware["backend"], getattr(torch, hardware["dtype"])
     accelerator = make_accelerator(backend, heat)
@@ -80,12 +95,14 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
     progress.note(memory.apply_budget(budget, memory.read(backend)), prefix="memory")
     transformer = sd3.quantize_frozen_base(sd3.load_transformer(model, dtype, accelerator.device),
                                            settings.quantize_base)
-    return assemble(accelerator, transformer,
-                    trainset.load_training_set(latents_dir, embeds_dir, accelerator.device),
-                    sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
-                    run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
-                        model, settings, hardware, latents_dir, embeds_dir, accelerator.num_processes),
-                    provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes)
+    data = trainset.load_training_set(latents_dir, embeds_dir, accelerator.device)
+    startup.mark("loaded")
+    run = assemble(accelerator, transformer, data, sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
+                   run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
+                       model, settings, hardware, latents_dir, embeds_dir, accelerator.num_processes),
+                   provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes)
+    startup.mark("assembled")
+    return run
 
 
 def make_accelerator(backend: str, heat: ThermalParams):
@@ -155,14 +172,14 @@ def adamw(params: list[torch.nn.Parameter], settings: TrainParams) -> tuple[torc
 
 
 def start_or_resume(run: Run) -> dict:
-    """The run log: restored from the newest checkpoint of this run, or fresh (measuring held-out loss first)."""
+    """The run log: restored from the newest checkpoint of this run, or fresh."""
     state = checkpoint.load_latest(run.run_dir)
     if state is not None:
         restore(run, state, state.log)
         run.heat.totals = thermal.Totals(**state.log.get("thermal", {}))
         return state.log
-    log = {"step": 0, "rows": [], "heldout_before": heldout_loss(run.model, run.data, run.dtype),
-           "nonfinite_steps": 0, "bad_streak": 0, "rollbacks": [], "lr_scale": 1.0, "dtype": str(run.dtype)[6:]}
+    log = {"step": 0, "rows": [], "nonfinite_steps": 0, "bad_streak": 0, "rollbacks": [], "lr_scale": 1.0,
+           "dtype": str(run.dtype)[6:]}
     run.initial = snapshot(run, log)
     return log
 
@@ -266,9 +283,14 @@ def watch_swap(run: Run, log: dict) -> str:
 
 
 def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path, resumed_from: int,
-           started: float, ready_s: float) -> TrainResult:
+           started: float, startup: Startup) -> TrainResult:
     """Measure, write the final adapter (with the intermediate ones) to `out_dir`, drop the checkpoints."""
     backend, settings = hardware["backend"], run.settings
+    # Before training the adapter is the identity (B = 0), so the base model alone gives the "before" value.
+    # Measured here, after training, it keeps the launch-to-first-step time short and uses the same dtype as
+    # "after" even when a rollback switched to fp32.
+    with lora.disabled(run.transformer):
+        before = heldout_loss(run.model, run.data, run.dtype)
     after = heldout_loss(run.model, run.data, run.dtype)
     if run.accelerator.is_main_process:
         with atomic.staged_dir(out_dir) as staging:
@@ -280,11 +302,12 @@ def finish(run: Run, log: dict, out_dir: Path, hardware: dict, latents_dir: Path
     facts = {"backend": backend, "dtype": log["dtype"], "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log["nonfinite_steps"], "rollbacks": len(log["rollbacks"]),
-             "learning_rate_scale": log["lr_scale"], "os": device.os_name(), "launch_to_first_step_s": ready_s,
+             "learning_rate_scale": log["lr_scale"], "os": device.os_name(),
+             "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
              "batch_plan": run.plan.why, "memory_backoffs": len(log.get("backoffs", [])),
              "cpu_fallback_ops": ", ".join(log["cpu_fallback_ops"]) or "none"}
-    return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=log["heldout_before"],
+    return TrainResult(steps=settings.steps, rows=log["rows"], heldout_before=before,
                        heldout_after=after, batch_size=run.plan.batch_size,
                        gradient_accumulation=run.plan.accumulation,
                        gradient_checkpointing=run.transformer.is_gradient_checkpointing,
