@@ -18,10 +18,11 @@ from tests.test_memory import MAC_16, MAC_64, MPS_OOM_16GB
 SD3_MEDIUM = estimate.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
 
 
-def sd3_peaks(resolution: int):
-    """Peaks of SD3-medium training steps on MPS in fp16, from the calibrated estimate: weights + b × activations."""
+def sd3_peaks(resolution: int, backend: str = "mps"):
+    """Peaks of SD3-medium training steps in half precision (on MPS unless said), from the calibrated estimate:
+    weights + b × activations."""
     def measure(batch: int, checkpointing: bool) -> int:
-        work = estimate.Workload(backend="mps", dtype_bytes=2, resolution=resolution, render_resolution=resolution,
+        work = estimate.Workload(backend=backend, dtype_bytes=2, resolution=resolution, render_resolution=resolution,
                                  batch_size=batch, checkpointing=checkpointing, rank=4, targets=4, use_t5=True,
                                  t5_tokens=77)
         return estimate.train_stage(SD3_MEDIUM, work).total
@@ -121,6 +122,24 @@ def test_fixed_batch_with_auto_checkpointing_measures_that_batch_once():
     plan = batching.plan_batch(measure, memory.budget(MAC_16).bytes, BatchSettings(2, 2, None, "auto"))
     assert (plan.batch_size, plan.accumulation, plan.checkpointing) == (2, 2, True)
     assert measure.calls == [(2, False)]
+
+
+def test_a_fixed_batch_far_under_the_budget_by_the_estimate_is_not_measured():
+    budget = 80 * GIB  # an H100
+    estimated = sd3_peaks(1024, "cuda")  # SD3-medium, ~8 GiB by the estimate
+    plan = batching.plan_batch(Recorder(lambda batch, checkpointing: pytest.fail("measured")), budget,
+                               BatchSettings(1, 1, None, "auto"), estimated)
+    assert (plan.batch_size, plan.checkpointing, plan.peak) == (1, False, None)
+    assert "by the estimate" in plan.why
+    # near the budget the estimate is not trusted: the step is measured (and here needs checkpointing)
+    tight = 8 * GIB
+    measure = Recorder(sd3_peaks(1024, "cuda"))
+    plan = batching.plan_batch(measure, tight, BatchSettings(1, 1, None, "auto"), estimated)
+    assert measure.calls == [(1, False)] and plan.checkpointing
+    # batch auto always measures: the estimate only spares the step that decides checkpointing for a fixed batch
+    measure = Recorder(sd3_peaks(1024, "cuda"))
+    batching.plan_batch(measure, budget, AUTO, estimated)
+    assert (1, False) in measure.calls
 
 
 def test_nothing_fits_explains_what_to_change():

@@ -6,15 +6,17 @@ and backward per candidate, no optimizer step, no training randomness consumed) 
 
 import torch
 
-from yem import batching, device, memory, trainset
+from yem import batching, device, estimate, memory, trainset
 from yem.objective import batch_loss
 from yem.params import TrainParams
 from yem.trainset import TrainingSet
 
 
 def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor, settings: TrainParams,
-         dtype: torch.dtype, budget: int | None, processes: int, draw_u) -> batching.BatchPlan:
-    """Batch, accumulation and checkpointing for this run; measured only where params say `auto`."""
+         dtype: torch.dtype, budget: int | None, processes: int, draw_u,
+         arch: estimate.Architecture | None = None) -> batching.BatchPlan:
+    """Batch, accumulation and checkpointing for this run; measured only where params say `auto` (and, for a
+    fixed batch, only where the estimate from `arch` does not settle it)."""
     wanted = batching.BatchSettings.from_train(settings)
     if settings.effective_batch_size:  # every process takes its share of the effective batch
         wanted = batching.BatchSettings(wanted.batch_size, wanted.accumulation,
@@ -40,7 +42,10 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
         finally:
             transformer.zero_grad(set_to_none=True)
 
-    return batching.plan_batch(measure, budget, wanted)
+    estimated = None if arch is None else estimate.training_peak(
+        arch, settings, backend, dtype.itemsize, resolution=data.mean.shape[-1] * estimate.VAE_SCALE,
+        text_tokens=data.joint.shape[1], images=len(data.ids), prompts=len(data.joint))
+    return batching.plan_batch(measure, budget, wanted, estimated)
 
 
 def set_checkpointing(transformer: torch.nn.Module, on: bool) -> None:

@@ -49,6 +49,7 @@ planner's margins.
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -277,6 +278,18 @@ def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
                                    "LoRA + AdamW": lora_params(arch, work) * LORA_BYTES_PER_PARAM,
                                    "cached latents + embeddings": cached,
                                    "activations": _allocated(train_activations(arch, work), work)})
+
+
+def training_peak(arch: Architecture, train: TrainParams, backend: str, dtype_bytes: int, resolution: int,
+                  text_tokens: int, images: int, prompts: int) -> Callable[[int, bool], int]:
+    """peak(batch, checkpointing): the estimated bytes of one training step of this run, in the form the batch
+    planner measures it (yem.batching.Measure). `text_tokens` is the cached embeddings' length (77 CLIP + T5)."""
+    work = Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=resolution, render_resolution=resolution,
+                    batch_size=1, checkpointing=False, rank=train.rank, targets=len(train.targets), use_t5=True,
+                    t5_tokens=text_tokens - CLIP_TOKENS, quantized_base=train.quantize_base == "int8",
+                    images=images, prompts=prompts)
+    return lambda batch, checkpointing: train_stage(arch, replace(work, batch_size=batch,
+                                                                  checkpointing=checkpointing)).total
 
 
 def training_weights(arch: Architecture, work: Workload) -> float:

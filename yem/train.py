@@ -14,9 +14,9 @@ from pathlib import Path
 import psutil
 import torch
 
-from yem import (atomic, autobatch, batching, cache, checkpoint, device, flow, lora, lora_file, memory, objective,
-                 power, progress, sd3, thermal, trainset)
-from yem.errors import TrainingStopped
+from yem import (atomic, autobatch, batching, cache, checkpoint, device, estimate, flow, lora, lora_file, memory,
+                 objective, power, progress, sd3, thermal, trainset)
+from yem.errors import ModelError, TrainingStopped
 from yem.interrupt import stop_requests
 from yem.metrics import TrainResult
 from yem.objective import batch_loss, heldout_loss
@@ -100,9 +100,18 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: dict, latents_d
     run = assemble(accelerator, transformer, data, sd3.load_training_scheduler(model).sigmas, settings, dtype, heat,
                    run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
                        model, settings, hardware, latents_dir, embeds_dir, accelerator.num_processes),
-                   provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes)
+                   provenance=provenance(model, settings, latents_dir, embeds_dir), budget=budget.bytes,
+                   arch=architecture(model))
     startup.mark("assembled")
     return run
+
+
+def architecture(model: ModelParams) -> estimate.Architecture | None:
+    """The model's architecture for the memory estimate; None (the planner measures instead) if yem cannot tell."""
+    try:
+        return estimate.architecture_for(model.id, model.revision)
+    except ModelError:
+        return None
 
 
 def make_accelerator(backend: str, heat: ThermalParams):
@@ -118,9 +127,9 @@ def make_accelerator(backend: str, heat: ThermalParams):
 
 def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor,
              settings: TrainParams, dtype: torch.dtype, heat: ThermalParams, run_dir: Path,
-             provenance: dict[str, str], budget: int | None = None) -> Run:
-    """Attach the adapter, fit the batch to the memory `budget`, set up optimizer and schedule, and wrap the
-    model for (distributed) training."""
+             provenance: dict[str, str], budget: int | None = None, arch: estimate.Architecture | None = None) -> Run:
+    """Attach the adapter, fit the batch to the memory `budget` (`arch` lets the estimate spare a measured step),
+    set up optimizer and schedule, and wrap the model for (distributed) training."""
     from diffusers.optimization import get_scheduler
 
     backend = accelerator.device.type
@@ -129,7 +138,8 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
     transformer.train()
     draw_u = objective.timestep_density(settings, accelerator.device)
     sigma_table = sigma_table.to(accelerator.device, torch.float32)
-    plan = autobatch.plan(transformer, data, sigma_table, settings, dtype, budget, accelerator.num_processes, draw_u)
+    plan = autobatch.plan(transformer, data, sigma_table, settings, dtype, budget, accelerator.num_processes, draw_u,
+                          arch)
     autobatch.set_checkpointing(transformer, plan.checkpointing)
     graphs = compile_blocks(transformer, backend, settings)
     optimizer, fused = adamw(params, settings)
