@@ -84,3 +84,13 @@ def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(projec
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
 
+
+def test_compile_auto_compiles_only_long_runs_on_cuda(project):
+    from yem.train import COMPILE_MIN_STEPS, compiles
+
+    settings = project[1].train
+    long, short = (dataclasses.replace(settings, compile="auto", steps=n) for n in (COMPILE_MIN_STEPS, 100))
+    assert compiles(long, "cuda") and not compiles(short, "cuda")  # short: the compile time would not pay off
+    assert not compiles(long, "mps") and not compiles(long, "cpu")
+    assert compiles(dataclasses.replace(short, compile=True), "cpu")  # as set, whatever the length
+    assert not compiles(dataclasses.replace(long, compile=False), "cuda")

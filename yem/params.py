@@ -83,7 +83,7 @@ class TrainParams:
     max_grad_norm: float | None = rule(above=0)
     seed: int
     gradient_checkpointing: bool | Auto
-    compile: bool | Auto  # torch.compile each transformer block; auto: on CUDA
+    compile: bool | Auto  # torch.compile each transformer block; auto: on CUDA, for 400 steps or more
     saved_activations: float = rule(above=0, at_most=1)  # compiled blocks keep this share for backward
     quantize_base: Literal["none", "int8"]  # int8: the frozen transformer blocks' Linears in int8 (optimum-quanto)
     weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]

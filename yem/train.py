@@ -28,6 +28,11 @@ LOG_EVERY = 10  # steps between reads of the loss from the device (each read wai
 # torch.compile mode of the transformer blocks. On CUDA, CUDA graphs ("reduce-overhead") replay each block's
 # thousands of small kernels in one launch: the step is bound by launching them otherwise (benchmarks/RESULTS.md).
 COMPILE_MODES = {"cuda": "reduce-overhead"}
+# train.compile auto compiles on CUDA only for runs at least this long. H100, SD3-medium, 1024 px: compiling takes
+# 25-32 s (8-11 s when inductor's on-disk cache holds the same shapes from an earlier run) and saves 0.055-0.12 s
+# a step (eager 0.119-0.188 s, compiled 0.064-0.067 s, depending on the host), so it pays off after 70-580 steps
+# (benchmarks/RESULTS.md).
+COMPILE_MIN_STEPS = 400
 
 
 def run_training(model: ModelParams, settings: TrainParams, hardware: dict, latents_dir: Path, embeds_dir: Path,
@@ -159,7 +164,7 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
 def compile_blocks(transformer: torch.nn.Module, backend: str, settings: TrainParams) -> bool:
     """Regional torch.compile: each transformer block on its own, so the identical blocks share one
     compilation. Returns whether the blocks replay CUDA graphs."""
-    if not (settings.compile is True or (settings.compile == "auto" and backend == "cuda")):
+    if not compiles(settings, backend):
         return False
     from torch._functorch import config as functorch_config
 
@@ -170,6 +175,13 @@ def compile_blocks(transformer: torch.nn.Module, backend: str, settings: TrainPa
     for block in transformer.transformer_blocks:
         block.compile(dynamic=False, mode=mode)
     return mode == "reduce-overhead"
+
+
+def compiles(settings: TrainParams, backend: str) -> bool:
+    """train.compile as set; auto: on CUDA, for runs long enough to win the compile time back."""
+    if settings.compile == "auto":
+        return backend == "cuda" and settings.steps >= COMPILE_MIN_STEPS
+    return settings.compile
 
 
 def adamw(params: list[torch.nn.Parameter], settings: TrainParams) -> tuple[torch.optim.Optimizer, bool]:
