@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
@@ -15,6 +16,26 @@ from yem import lora_file
 from yem.params import set_values
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+# Half precision: a batch of 2 on one GPU and of 1 on each of two run different kernels, which round differently
+# (2.1-2.2e-3 apart after 8 and 40 steps, measured on two H100s in bf16).
+HALF_PRECISION_BOUND = 1e-2
+
+
+def processes_hardware(root, hardware: dict) -> dict:
+    """Write (and return) the hardware facts the multi-process stages run with: CUDA's as they are (NCCL),
+    elsewhere the CPU in fp32 over gloo (a Mac's one GPU can't be split)."""
+    if hardware["backend"] != "cuda":
+        hardware = {**hardware, "backend": "cpu", "dtype": "float32"}
+    (root / "hardware.json").write_text(json.dumps(hardware))
+    return hardware
+
+
+def bound(hardware: dict, fp32: float) -> float:
+    """How far apart runs that split the same effective batch differently may end: in fp32 only the order of
+    floating-point sums differs."""
+    return fp32 if hardware["dtype"] == "float32" else HALF_PRECISION_BOUND
 
 
 def params_file(root, name: str, values: dict):
@@ -49,23 +70,24 @@ def largest_difference(root, a: str, b: str) -> float:
 
 def test_two_processes_match_one_process_with_the_same_effective_batch(cached_project):
     root, _, hardware = cached_project
-    (root / "hardware.json").write_text(json.dumps(hardware))
+    hardware = processes_hardware(root, hardware)
     single = train_stage(root, "one-process", devices=1, batch=2)
     double = train_stage(root, "two-processes", devices=2, batch=1)
     assert single["world_size"] == 1 and double["world_size"] == 2
     assert single["effective_batch_size"] == double["effective_batch_size"] == 2
     # Same samples, same noise, same averaged gradient: only the order of floating-point sums differs.
     worst = largest_difference(root, "one-process", "two-processes")
-    assert worst < 1e-5, worst
+    assert worst < bound(hardware, 1e-5), worst
     assert max(abs(x - y) for x, y in zip(*[[float(r.split("\t")[1]) for r in (root / f"{n}.tsv").read_text()
-                                             .splitlines()[1:]] for n in ("one-process", "two-processes")])) < 1e-4
+                                             .splitlines()[1:]] for n in ("one-process", "two-processes")])) \
+        < bound(hardware, 1e-4)
 
 
 def test_a_run_killed_on_two_processes_resumes_on_one_with_the_same_effective_batch(cached_project):
     """kill -9 of a two-process run after a checkpoint; the rerun on one process (batch 2 instead of 2 × 1)
     resumes from that checkpoint and ends where an uninterrupted one-process run ends."""
     root, _, hardware = cached_project
-    (root / "hardware.json").write_text(json.dumps(hardware))
+    hardware = processes_hardware(root, hardware)
     train_stage(root, "whole", devices=1, batch=2, steps=40)
     two = subprocess.Popen(stage_command(root, "split", devices=2, batch=1, steps=40), cwd=REPO, env=ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -78,7 +100,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_with_the_same_effective_ba
     resumed = train_stage(root, "split", devices=1, batch=2, steps=40)
     assert 4 <= resumed["resumed_from_step"] < 40 and resumed["world_size"] == 1
     worst = largest_difference(root, "whole", "split")
-    assert worst < 1e-4, worst
+    assert worst < bound(hardware, 1e-4), worst
 
 
 def render_stage(root, name: str, devices: int, lora: str) -> dict:
@@ -91,13 +113,23 @@ def render_stage(root, name: str, devices: int, lora: str) -> dict:
     return json.loads((root / name / "index.json").read_text())
 
 
+def test_a_mac_gpu_is_one_device():
+    from yem.errors import HardwareError
+    from yem.launch import process_count
+
+    assert process_count("auto", "mps") == process_count(1, "mps") == 1
+    with pytest.raises(HardwareError, match="train.devices: a Mac has one GPU.*got 2"):
+        process_count(2, "mps")
+    assert process_count(2, "cpu") == 2  # gloo processes on the CPU, on request
+
+
 def test_two_processes_render_the_same_images_as_one(cached_project):
     """render.devices: 2 shares rows × prompts × seeds out over two processes; the main one writes them all."""
     import numpy as np
     from PIL import Image
 
     root, _, hardware = cached_project
-    (root / "hardware.json").write_text(json.dumps(hardware))
+    processes_hardware(root, hardware)
     train_stage(root, "render-lora", devices=1, batch=1, steps=2)
     one, two = (render_stage(root, name, devices, "render-lora") for name, devices in [("one", 1), ("two", 2)])
     assert one == two and one["rows"] == ["base", "lora"] and len(one["cells"]) == 2 * 2  # 2 prompts × 2 seeds

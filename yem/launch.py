@@ -14,8 +14,11 @@ from yem.errors import HardwareError
 
 def process_count(devices: int | str, backend: str, key: str = "train.devices") -> int:
     """How many processes `devices` (the params value at `key`) asks for on this backend."""
+    if backend == "mps" and devices not in ("auto", 1):
+        raise HardwareError(f"{key}: a Mac has one GPU, so yem runs one process on it (got {devices}). Set "
+                            f"{key}: auto.")
     if backend != "cuda":
-        return devices if isinstance(devices, int) else 1  # MPS is one device; several CPU processes only on request
+        return devices if isinstance(devices, int) else 1  # several CPU processes (gloo) only on request
     import torch
 
     visible = torch.cuda.device_count()
