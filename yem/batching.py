@@ -120,16 +120,7 @@ def plan_batch(measure: Measure, budget: int, settings: BatchSettings, estimate:
                          f"batch {settings.batch_size} × {settings.accumulation} as set in params.yaml")
     probe = _Probe(measure, int(budget * PLAN_MARGIN))
     first = 1 if settings.batch_size == "auto" else settings.batch_size
-    checkpointing = settings.checkpointing
-    if checkpointing == "auto" and settings.batch_size != "auto" and estimate is not None \
-            and (estimated := estimate(first, False)) <= SURE_FIT * budget:
-        return BatchPlan(first, settings.accumulation, False, None,
-                         f"batch {first} × {settings.accumulation} as set in params.yaml; gradient checkpointing "
-                         f"off (auto: batch {first} needs about {gib(estimated)} by the estimate, under "
-                         f"{SURE_FIT:.0%} of the {gib(budget)} budget)")
-    if checkpointing == "auto":
-        checkpointing = not probe.fits(first, False)
-    words = _checkpointing_words(checkpointing, settings.checkpointing, first)
+    checkpointing, words = _checkpointing(settings, first, probe, budget, estimate)
     if settings.batch_size != "auto":
         return BatchPlan(first, settings.accumulation, checkpointing, probe.peaks.get((first, checkpointing)),
                          f"batch {first} × {settings.accumulation} as set in params.yaml; {words}")
@@ -142,12 +133,19 @@ def plan_batch(measure: Measure, budget: int, settings: BatchSettings, estimate:
                      f"of the {gib(budget)} memory budget; {words}")
 
 
-def _checkpointing_words(checkpointing: bool, setting: bool | str, batch: int) -> str:
-    if setting != "auto":
-        return f"gradient checkpointing {'on' if checkpointing else 'off'} as set"
-    if checkpointing:
-        return f"gradient checkpointing on (auto: batch {batch} does not fit without it)"
-    return f"gradient checkpointing off (auto: batch {batch} fits without it)"
+def _checkpointing(settings: BatchSettings, first: int, probe: _Probe, budget: int,
+                   estimate: Measure | None) -> tuple[bool, str]:
+    """Checkpointing for the first batch tried, and the words for the plan's log line. `auto` measures that batch
+    without it, unless the batch is fixed and the estimate puts it far under the budget."""
+    if settings.checkpointing != "auto":
+        return settings.checkpointing, f"gradient checkpointing {'on' if settings.checkpointing else 'off'} as set"
+    if settings.batch_size != "auto" and estimate is not None and (estimated := estimate(first, False)) <= \
+            SURE_FIT * budget:
+        return False, (f"gradient checkpointing off (auto: batch {first} needs about {gib(estimated)} by the "
+                       f"estimate, under {SURE_FIT:.0%} of the {gib(budget)} budget)")
+    if probe.fits(first, False):
+        return False, f"gradient checkpointing off (auto: batch {first} fits without it)"
+    return True, f"gradient checkpointing on (auto: batch {first} does not fit without it)"
 
 
 def _largest_fitting(probe: _Probe, checkpointing: bool, cap: int) -> int:
