@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.yem-deps-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test
+.PHONY: install demo test check
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,8 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest
+
+# ruff, and the import layers of docs/architecture.md (import-linter contracts in pyproject.toml)
+check: install
+	$(VENV)/bin/ruff check yem stages tests benchmarks
+	$(VENV)/bin/lint-imports

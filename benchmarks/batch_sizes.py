@@ -1,10 +1,11 @@
 """Benchmark, not a test: the batch yem's planner chooses for a few memory budgets, and the peak it measured.
 
 Real training steps (forward + backward) of the offline tiny SD3 with yem's LoRA, on whatever device is present
-(cuda, then mps, then cpu), planned by yem.batching exactly as training plans them: each budget is the memory the
+(cuda, then mps, then cpu), planned by yem.training.batching exactly as training plans them: each budget is the
+memory the
 process holds once the model is loaded plus some room for activations. On CUDA and MPS the budget is also applied
-as the allocator's hard limit (memory.apply_budget), so a step that overshoots raises out-of-memory as it would in
-training. The last column is what yem.estimate predicted for the same room, for comparison.
+as the allocator's hard limit (budget.apply_budget), so a step that overshoots raises out-of-memory as it would in
+training. The last column is what yem.model.footprint predicted for the same room, for comparison.
 
     python benchmarks/batch_sizes.py                      # 1024 px, rooms of 64 MiB to 2 GiB
     python benchmarks/batch_sizes.py --resolution 512 --rooms 16,64,256
@@ -17,15 +18,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yem.device import configure_environment  # noqa: E402  (before torch)
+from yem.hardware.environment import configure_environment  # noqa: E402  (before torch)
 
 configure_environment()
 
 import torch  # noqa: E402
 
-from yem import batching, device, estimate, lora, memory  # noqa: E402
-from yem.memory import MIB  # noqa: E402
-from yem.tiny import ensure_tiny_model  # noqa: E402
+from yem import doctor  # noqa: E402
+from yem.hardware import budget, device, memory, peaks  # noqa: E402
+from yem.hardware.memory import MIB  # noqa: E402
+from yem.model import architecture, footprint, lora  # noqa: E402
+from yem.model.tiny import ensure_tiny_model  # noqa: E402
+from yem.training import batching  # noqa: E402
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 TEXT_TOKENS = 77 + 77  # CLIP + T5 at encode.max_sequence_length 77
@@ -59,11 +63,11 @@ def load(backend: str):
     transformer.requires_grad_(False)
     lora.attach(transformer, 4, 4, TARGETS)
     transformer.train()
-    return transformer, estimate.architecture_from_folder(folder, "tiny SD3")
+    return transformer, architecture.architecture_from_folder(folder, "tiny SD3")
 
 
 def measurer(transformer, backend: str, resolution: int) -> batching.Measure:
-    """The measure the training loop provides: one real forward + backward, its peak by memory.peak_bytes."""
+    """The measure the training loop provides: one real forward + backward, its peak by peaks.peak_bytes."""
     side = resolution // 8
     joint, pooled = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
 
@@ -73,7 +77,7 @@ def measurer(transformer, backend: str, resolution: int) -> batching.Measure:
         else:
             transformer.disable_gradient_checkpointing()
         device.empty_cache(backend)
-        memory.reset_peak(backend)
+        peaks.reset_peak(backend)
         try:
             inputs = dict(hidden_states=torch.randn(batch, 16, side, side, device=backend),
                           timestep=torch.full((batch,), 500.0, device=backend),
@@ -81,7 +85,7 @@ def measurer(transformer, backend: str, resolution: int) -> batching.Measure:
                           pooled_projections=torch.randn(batch, pooled, device=backend))
             transformer(**inputs, return_dict=False)[0].square().mean().backward()
             device.synchronize(backend)
-            return memory.peak_bytes(backend)
+            return peaks.peak_bytes(backend)
         finally:
             transformer.zero_grad(set_to_none=True)
 
@@ -89,9 +93,9 @@ def measurer(transformer, backend: str, resolution: int) -> batching.Measure:
 
 
 def row(measure, backend: str, baseline: int, room: int, readings, arch, args) -> None:
-    budget = baseline + room
+    limit = baseline + room
     if backend != "cpu":
-        memory.apply_budget(memory.Budget(budget, "benchmark"), readings, env={})
+        budget.apply_budget(budget.Budget(limit, "benchmark"), readings, env={})
     calls = []
 
     def counted(batch: int, checkpointing: bool) -> int:
@@ -101,17 +105,17 @@ def row(measure, backend: str, baseline: int, room: int, readings, arch, args) -
     settings = batching.BatchSettings("auto", 1, None, "auto", max_batch=args.max_batch)
     start = time.perf_counter()
     try:
-        plan = batching.plan_batch(counted, budget, settings)
+        plan = batching.plan_batch(counted, limit, settings)
         chosen = (f"{plan.batch_size:>6} {plan.accumulation:>6} {'on' if plan.checkpointing else 'off':>5} "
                   f"{memory.gib(plan.peak) if plan.peak else '-':>10}")
     except Exception as error:  # HardwareError: not even batch 1 fits this room
         chosen = f"{'none: ' + type(error).__name__:>39}"
-    work = estimate.Workload(backend=backend, dtype_bytes=4, resolution=args.resolution,
+    work = footprint.Workload(backend=backend, dtype_bytes=4, resolution=args.resolution,
                              render_resolution=args.resolution, batch_size=1, checkpointing=False, rank=4,
                              targets=len(TARGETS), use_t5=True, t5_tokens=77, images=0, prompts=0)
-    fixed = estimate.train_stage(arch, work).total - estimate.train_stage(arch, work).parts["activations"]
-    predicted = estimate.largest_batch(arch, work, fixed + room)
-    print(f"{memory.gib(room):>9} {memory.gib(budget):>10} {chosen} {len(calls):>6} "
+    fixed = footprint.train_stage(arch, work).total - footprint.train_stage(arch, work).parts["activations"]
+    predicted = doctor.largest_batch(arch, work, fixed + room)
+    print(f"{memory.gib(room):>9} {memory.gib(limit):>10} {chosen} {len(calls):>6} "
           f"{time.perf_counter() - start:>8.1f} {predicted:>9}")
 
 

@@ -40,7 +40,7 @@ def build_random_sd3(folder: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from benchmarks.train_step import VAE, build_transformer
-    from yem.tiny import _write_clip_tokenizer, _write_t5_tokenizer
+    from yem.model.tiny import _write_clip_tokenizer, _write_t5_tokenizer
 
     scratch = Path(tempfile.mkdtemp())
     clip_tokenizer, t5_tokenizer = _write_clip_tokenizer(scratch / "c"), _write_t5_tokenizer(scratch / "t")
@@ -130,7 +130,7 @@ def run_stages(project: Path, timeout_s: float, only: set[str] | None = None) ->
             except subprocess.TimeoutExpired:
                 dump_stacks(process.pid)
                 process.kill()
-                raise SystemExit(f"stage {name} ran past {timeout_s:.0f} s: its stacks are above")
+                raise SystemExit(f"stage {name} ran past {timeout_s:.0f} s: its stacks are above") from None
         if process.returncode != 0:
             raise SystemExit(f"stage {name} failed (exit {process.returncode}); its output is above")
         allocated = json.loads(peak_file.read_text())["peak_allocated_gib"]

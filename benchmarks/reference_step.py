@@ -6,8 +6,8 @@ What the example does every step, and this reproduces (written from reading it, 
   pixels instead (the example's default, without --cache_latents);
 - u drawn on the CPU, timesteps looked up on the CPU and copied to the device, and each sigma found with a
   `(schedule == t).nonzero().item()` (one device sync per sample);
-- the forward under bf16 autocast (accelerate's mixed_precision=bf16), the loss in fp32, `accelerator.backward`, clip, a plain
-  (non-fused) AdamW step, and `loss.detach().item()` for the progress bar (another sync).
+- the forward under bf16 autocast (accelerate's mixed_precision=bf16), the loss in fp32, `accelerator.backward`, clip, a
+  plain (non-fused) AdamW step, and `loss.detach().item()` for the progress bar (another sync).
 """
 
 from dataclasses import dataclass
@@ -35,8 +35,8 @@ class ReferenceRun:
 def build(accelerator, transformer, targets: list[str], rank: int, mean, std, joint, pooled, batch: int,
           gradient_checkpointing: bool, vae=None, pixels=None) -> ReferenceRun:
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
 
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --device cpu --dtype float32 --resolution 256 --quantize-base int8
 
 Builds the transformer at the real config directly on the device (random weights in the training dtype),
-synthetic cached latents and prompt embeddings of the real shapes, then runs `yem.train.update` — the exact
+synthetic cached latents and prompt embeddings of the real shapes, then runs `yem.training.loop.update` — the exact
 step the train stage runs (LoRA via peft, fused AdamW, on-device sigma sampling, no host sync inside the
 step). Prints a table: s/step (median of timed steps after warm-up), peak memory, FLOPs per step (counted by
 torch's FlopCounterMode on the real step), achieved TFLOP/s and its share of a large bf16 matmul measured on
@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from yem.device import configure_environment  # noqa: E402
+from yem.hardware.environment import configure_environment  # noqa: E402
 
 configure_environment()
 
@@ -71,7 +71,7 @@ def build_transformer(name: str, dtype: torch.dtype, device: str):
 
 
 def synthetic_set(count: int, resolution: int, device: str):
-    from yem.trainset import TrainingSet
+    from yem.data.trainset import TrainingSet
 
     side = resolution // 8
     g = torch.Generator().manual_seed(0)
@@ -99,8 +99,9 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
     """A function step(number) running one training step of `variant` on fresh random weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from yem import sd3, train
+    from yem.model import sd3
     from yem.params import ThermalParams
+    from yem.training import loop, setup
 
     transformer = sd3.quantize_frozen_base(build_transformer(args.model, dtype, accelerator.device),
                                            args.quantize_base)
@@ -121,10 +122,10 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
                                    variant == "reference+checkpointed", vae, pixels)
         return lambda number: reference_step.step(run, number)
     heat = ThermalParams(policy="ignore", max_pause_s=0)
-    train.COMPILE_MODES["cuda"] = "reduce-overhead" if variant == "compiled+graphs" else "default"
-    run = train.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
+    setup.COMPILE_MODES["cuda"] = "reduce-overhead" if variant == "compiled+graphs" else "default"
+    run = setup.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
                          settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={})
-    return lambda number: train.update(run, number)
+    return lambda number: loop.update(run, number)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -140,14 +141,15 @@ def weight_bytes(module: torch.nn.Module) -> int:
 
 
 def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> dict:
-    from yem import memory, train
+    from yem.hardware import memory, peaks
     from yem.params import ThermalParams
+    from yem.training import setup
 
     device, dtype = args.device, getattr(torch, args.dtype)
-    accelerator = train.make_accelerator(device, ThermalParams(policy="ignore", max_pause_s=0))
+    accelerator = setup.make_accelerator(device, ThermalParams(policy="ignore", max_pause_s=0))
     torch._dynamo.reset()  # each row compiles afresh: no cache (or cache limit) carried from the previous row
     step = make_step(args, variant, resolution, accelerator, dtype)
-    memory.reset_peak(device)  # weights stay counted (allocated now); the peak is the training step's
+    peaks.reset_peak(device)  # weights stay counted (allocated now); the peak is the training step's
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device, lambda: None)
     started = time.perf_counter()
     for number in range(args.warmup):
@@ -155,7 +157,7 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
     sync()
     warmup_s = time.perf_counter() - started
     seconds = median_seconds(args, step, device, sync)
-    peak = memory.peak_bytes(device)  # before counting FLOPs: under FlopCounterMode the step runs unfused
+    peak = peaks.peak_bytes(device)  # before counting FLOPs: under FlopCounterMode the step runs unfused
     loss = step(args.warmup)
     flops = count_flops(step, args.warmup + 1)
     row = {"model": args.model, "device": device_label(device), "variant": variant, "resolution": resolution,
@@ -224,7 +226,7 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float | None:
 
 
 def device_label(device: str) -> str:
-    from yem.device import device_name
+    from yem.hardware.device import device_name
 
     return device_name(device)
 

@@ -7,13 +7,19 @@ imported (PYTORCH_ENABLE_MPS_FALLBACK), and every stage module is imported after
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
-from yem.device import configure_environment
 from yem.errors import YemError
+from yem.hardware.environment import configure_environment
 
 configure_environment()
+
+PathOption = click.Path(path_type=Path)
+# The options every stage that reads params.yaml or runs torch shares; the paths come from dvc.yaml's commands.
+params_option = click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
+hardware_option = click.option("--hardware", type=PathOption, required=True, help="the hardware record (preflight)")
 
 
 @contextmanager

@@ -4,16 +4,14 @@ from pathlib import Path
 
 import click
 
-from stages import reported
+from stages import PathOption, params_option, reported
 from yem import atomic
-from yem.card import Results, write_card
+from yem.outputs.card import Results, write_card
 from yem.params import load_params
-
-PathOption = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
+@params_option
 @click.option("--lora", "lora_dir", type=PathOption, required=True)
 @click.option("--metrics", "metrics_path", type=PathOption, required=True)
 @click.option("--steps-log", type=PathOption, required=True)

@@ -5,23 +5,22 @@ from pathlib import Path
 
 import click
 
-from stages import reported, show_notes
+from stages import PathOption, hardware_option, params_option, reported, show_notes
+from yem.data.text import write_embeddings
+from yem.hardware.record import Hardware
 from yem.params import load_params
-from yem.text import write_embeddings
-
-PathOption = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
-@click.option("--hardware", type=PathOption, required=True)
+@params_option
+@hardware_option
 @click.option("--captions", type=PathOption, required=True)
 @click.option("--out", type=PathOption, required=True, help="folder of embeddings, one file per distinct text")
 def main(params_path: Path, hardware: Path, captions: Path, out: Path) -> None:
     with reported():
         params = load_params(params_path)
         manifest = json.loads(captions.read_text())
-        notes = write_embeddings(params.model, params.prompts, params.encode, json.loads(hardware.read_text()),
+        notes = write_embeddings(params.model, params.prompts, params.encode, Hardware.load(hardware),
                                  manifest["captions"], out, manifest.get("files", {}))
     show_notes(notes)
 

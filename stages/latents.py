@@ -5,22 +5,21 @@ from pathlib import Path
 
 import click
 
-from stages import reported, show_notes
-from yem.latents import write_latents
+from stages import PathOption, hardware_option, params_option, reported, show_notes
+from yem.data.latents import write_latents
+from yem.hardware.record import Hardware
 from yem.params import load_params
-
-PathOption = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
-@click.option("--hardware", type=PathOption, required=True)
+@params_option
+@hardware_option
 @click.option("--images", type=PathOption, required=True)
 @click.option("--out", type=PathOption, required=True, help="folder of latents, one file per image")
 def main(params_path: Path, hardware: Path, images: Path, out: Path) -> None:
     with reported():
         params = load_params(params_path)
-        notes = write_latents(params.model, params.data, json.loads(hardware.read_text()),
+        notes = write_latents(params.model, params.data, Hardware.load(hardware),
                               json.loads(images.read_text())["samples"], params.root, out)
     show_notes(notes)
 

@@ -4,17 +4,15 @@ from pathlib import Path
 
 import click
 
-from stages import reported, show_notes
+from stages import PathOption, params_option, reported, show_notes
 from yem import atomic
+from yem.data.preflight import run_preflight
 from yem.params import load_params
-from yem.preflight import run_preflight
-
-PathOption = click.Path(path_type=Path)
 
 
 @click.command()
-@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
-@click.option("--hardware", type=PathOption, required=True, help="stable device facts (JSON)")
+@params_option
+@click.option("--hardware", type=PathOption, required=True, help="the hardware record: stable device facts")
 @click.option("--images", type=PathOption, required=True, help="image manifest with content hashes (JSON)")
 @click.option("--captions", type=PathOption, required=True, help="captions by sample id (JSON)")
 @click.option("--log", type=PathOption, required=True, help="volatile readings, no stage depends on them")
@@ -23,11 +21,11 @@ def main(params_path: Path, hardware: Path, images: Path, captions: Path, log: P
         params = load_params(params_path)
         result = run_preflight(params.device, params.data, params.root)
     show_notes(result.notes)
-    atomic.write_json(hardware, result.hardware)
+    result.hardware.save(hardware)
     atomic.write_json(images, result.images)
     atomic.write_json(captions, result.captions)
     atomic.write_json(log, result.log)
-    click.echo(f"preflight: {result.hardware['backend']} {result.hardware['dtype']}, "
+    click.echo(f"preflight: {result.hardware.backend} {result.hardware.dtype}, "
                f"{len(result.images['samples'])} images", err=True)
 
 

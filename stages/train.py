@@ -1,22 +1,21 @@
 """Stage 4, train: the LoRA on cached latents and embeddings; checkpointed, resumes after an interruption."""
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from stages import reported
-from yem import launch, metrics
+from stages import PathOption, hardware_option, params_option, reported
+from yem.hardware import launch
+from yem.hardware.record import Hardware
 from yem.params import load_params
-from yem.train import run_training
-
-PathOption = click.Path(path_type=Path)
+from yem.training import metrics
+from yem.training.loop import run_training
 
 
 @click.command()
-@click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
-@click.option("--hardware", type=PathOption, required=True)
+@params_option
+@hardware_option
 @click.option("--latents", type=PathOption, required=True)
 @click.option("--embeds", type=PathOption, required=True)
 @click.option("--out", type=PathOption, required=True, help="folder for pytorch_lora_weights.safetensors")
@@ -26,11 +25,12 @@ def main(params_path: Path, hardware: Path, latents: Path, embeds: Path, out: Pa
          steps_log: Path) -> None:
     with reported():
         params = load_params(params_path)
-        facts = json.loads(hardware.read_text())
-        processes = launch.process_count(params.train.devices, facts["backend"])
+        machine = Hardware.load(hardware)
+        processes = launch.process_count(params.train.devices, machine.backend)
         if processes > 1 and not launch.inside_launch():  # DDP: the same command in every process
             sys.exit(launch.relaunch("stages.train", sys.argv[1:], processes))
-        result = run_training(params.model, params.train, facts, latents, embeds, out, params.root, params.thermal)
+        result = run_training(params.model, params.train, machine, latents, embeds, out, params.root,
+                              params.thermal)
     if result is None:
         return  # not the main process: it writes nothing
     metrics.write_json(metrics_path, result.metrics())

@@ -18,14 +18,24 @@ os.environ["GIT_AUTHOR_EMAIL"] = os.environ["GIT_COMMITTER_EMAIL"] = "tests@yem.
 # The tiny model is built once per machine into YEM_HOME (tests use their own, shared across test runs).
 os.environ.setdefault("YEM_HOME", str(Path.home() / ".cache" / "yem-tests"))
 
-from yem.device import configure_environment  # noqa: E402  (before torch is imported anywhere)
+from yem.hardware.environment import configure_environment  # noqa: E402  (before torch is imported anywhere)
 
 configure_environment()
 
 
+def cpu_hardware():
+    """A hardware record for the CPU in fp32, as preflight writes it on a machine without a GPU."""
+    from importlib import metadata
+
+    from yem.hardware.record import Hardware
+
+    return Hardware(backend="cpu", dtype="float32", chip="test CPU", memory_budget_gib=8.0,
+                    torch=metadata.version("torch"), diffusers=metadata.version("diffusers"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from yem.tiny import ensure_tiny_model
+    from yem.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -60,14 +70,14 @@ def make_project(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def cached_project(tmp_path_factory, tiny_model_dir):
     """(root, params, hardware): caches for four toy images at 64 px in root/embeds and root/latents, built by
-    the functions the stages call. Train on them with yem.train.run_training(..., root / "latents", ...)."""
+    the functions the stages call. Train on them with yem.training.loop.run_training(..., root / "latents", ...)."""
     import dataclasses
 
     from tests.images import write_toy_dataset
-    from yem.latents import write_latents
+    from yem.data.latents import write_latents
+    from yem.data.preflight import run_preflight
+    from yem.data.text import write_embeddings
     from yem.params import load_params
-    from yem.preflight import run_preflight
-    from yem.text import write_embeddings
 
     root = tmp_path_factory.mktemp("cached")
     write_toy_dataset(root / "instance", 4, size=(80, 64))

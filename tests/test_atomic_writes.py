@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 
 from tests.conftest import REPO
 from tests.corpus import latents_cached, snapshot
-from yem import atomic, cache
+from yem import atomic
+from yem.data import cache
 from yem.errors import CacheError, DataError, WriteError
 
 FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

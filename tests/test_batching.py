@@ -9,23 +9,26 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from yem import batching, device, estimate, memory
-from yem.batching import PLAN_MARGIN, BatchPlan, BatchSettings
-from yem.errors import HardwareError
-from yem.memory import GIB
 from tests.test_memory import MAC_16, MAC_64, MPS_OOM_16GB
+from yem.errors import HardwareError
+from yem.hardware import device, memory, out_of_memory, peaks
+from yem.hardware.budget import memory_budget
+from yem.hardware.memory import GIB
+from yem.model import architecture, footprint
+from yem.training import batching
+from yem.training.batching import PLAN_MARGIN, BatchPlan, BatchSettings
 
-SD3_MEDIUM = estimate.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
+SD3_MEDIUM = architecture.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
 
 
 def sd3_peaks(resolution: int, backend: str = "mps"):
     """Peaks of SD3-medium training steps in half precision (on MPS unless said), from the calibrated estimate:
     weights + b × activations."""
     def measure(batch: int, checkpointing: bool) -> int:
-        work = estimate.Workload(backend=backend, dtype_bytes=2, resolution=resolution, render_resolution=resolution,
+        work = footprint.Workload(backend=backend, dtype_bytes=2, resolution=resolution, render_resolution=resolution,
                                  batch_size=batch, checkpointing=checkpointing, rank=4, targets=4, use_t5=True,
                                  t5_tokens=77)
-        return estimate.train_stage(SD3_MEDIUM, work).total
+        return footprint.train_stage(SD3_MEDIUM, work).total
     return measure
 
 
@@ -47,7 +50,7 @@ AUTO = BatchSettings(batch_size="auto", accumulation=1, effective=None, checkpoi
 
 
 def test_16gb_mac_needs_checkpointing_at_768px_and_cannot_train_1024px():
-    budget = memory.budget(MAC_16).bytes
+    budget = memory_budget(MAC_16).bytes
     measure = Recorder(sd3_peaks(768), hard_limit=budget)
     plan = batching.plan_batch(measure, budget, AUTO)
     assert plan.checkpointing and plan.batch_size == 1
@@ -58,7 +61,7 @@ def test_16gb_mac_needs_checkpointing_at_768px_and_cannot_train_1024px():
 
 
 def test_64gb_mac_fits_more_images_per_step_at_lower_resolution():
-    budget = memory.budget(MAC_64).bytes
+    budget = memory_budget(MAC_64).bytes
     at_1024 = batching.plan_batch(sd3_peaks(1024), budget, AUTO)
     at_512 = batching.plan_batch(sd3_peaks(512), budget, AUTO)
     assert at_1024.checkpointing and not at_512.checkpointing  # 1024 px keeps 24 attention matrices without it
@@ -119,7 +122,7 @@ def test_fixed_settings_are_kept_without_measuring():
 
 def test_fixed_batch_with_auto_checkpointing_measures_that_batch_once():
     measure = Recorder(sd3_peaks(512))
-    plan = batching.plan_batch(measure, memory.budget(MAC_16).bytes, BatchSettings(2, 2, None, "auto"))
+    plan = batching.plan_batch(measure, memory_budget(MAC_16).bytes, BatchSettings(2, 2, None, "auto"))
     assert (plan.batch_size, plan.accumulation, plan.checkpointing) == (2, 2, True)
     assert measure.calls == [(2, False)]
 
@@ -149,7 +152,7 @@ def test_nothing_fits_explains_what_to_change():
     message = str(found.value)
     assert message.startswith("train.batch_size:") and "data.resolution" in message and "(got batch 1)" in message
     with pytest.raises(HardwareError, match="gradient_checkpointing: auto"):
-        batching.plan_batch(sd3_peaks(768), memory.budget(MAC_16).bytes, BatchSettings("auto", 1, None, False))
+        batching.plan_batch(sd3_peaks(768), memory_budget(MAC_16).bytes, BatchSettings("auto", 1, None, False))
 
 
 def test_errors_that_are_not_out_of_memory_are_not_swallowed():
@@ -205,14 +208,14 @@ class Net(torch.nn.Module):
 
 
 def measure_rss(net: Net):
-    """The training loop's measure on the CPU: one forward + backward, peak RSS by memory.peak_bytes."""
+    """The training loop's measure on the CPU: one forward + backward, peak RSS by peaks.peak_bytes."""
     def measure(batch: int, checkpointing: bool) -> int:
         net.checkpointing = checkpointing
         device.empty_cache("cpu")
-        memory.reset_peak("cpu")
+        peaks.reset_peak("cpu")
         net(torch.randn(batch, TOKENS, WIDTH)).square().mean().backward()
         net.zero_grad(set_to_none=True)
-        return memory.peak_bytes("cpu")
+        return peaks.peak_bytes("cpu")
     return measure
 
 
@@ -277,7 +280,7 @@ def train(net: Net, steps: int, plan: BatchPlan, settings: BatchSettings, limit:
                         (net(chunk).square().mean() / plan.accumulation).backward()
                 break
             except Exception as error:
-                if not memory.is_out_of_memory(error):
+                if not out_of_memory.is_out_of_memory(error):
                     raise
                 optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
                 plan = batching.back_off(plan, settings, limit)

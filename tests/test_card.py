@@ -13,11 +13,12 @@ import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, cpu_hardware
 from tests.test_export import make_lora
-from yem import export, lora_file, metrics
-from yem.card import Results, write_card
+from yem.model import export, lora_file
+from yem.outputs.card import Results, write_card
 from yem.params import load_params
+from yem.training import metrics
 
 PROMPTS = ["a photo of sks dog", "a photo of sks dog in a bucket"]
 SEEDS = [0, 1]
@@ -41,11 +42,11 @@ def params():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir, params):
     """A LoRA (final and one intermediate adapter), rendered by the render stage's own function."""
-    from yem.render import render_validation
-    from yem.text import write_embeddings
+    from yem.data.text import write_embeddings
+    from yem.outputs.render import render_validation
 
     root = tmp_path_factory.mktemp("run")
-    hardware = {"backend": "cpu", "dtype": "float32"}
+    hardware = cpu_hardware()
     write_embeddings(params.model, params.prompts, params.encode, hardware, {}, root / "embeds")
     make_lora(tiny_model_dir, root / "lora" / lora_file.WEIGHT_NAME, seed=0)
     make_lora(tiny_model_dir, root / "lora" / "steps" / f"step-{CHECKPOINT:08d}.safetensors", seed=1)
@@ -67,7 +68,7 @@ def results(root, **metric_changes) -> Results:
 
 
 def test_grid_has_a_row_per_adapter_and_a_column_per_prompt_and_seed(run):
-    from yem.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
+    from yem.outputs.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
 
     root, index = run
     assert index["rows"] == ["base", f"step {CHECKPOINT}", "lora"]

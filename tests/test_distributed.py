@@ -1,6 +1,7 @@
 """Several processes through accelerate (gloo on the CPU here, NCCL on GPUs) train the same LoRA as one process
 with the same effective batch: each sample draws its randomness from its own seed wherever it lands."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO
 from tests.test_resume import wait_for_checkpoint
-from yem import lora_file
+from yem.hardware.record import Hardware
+from yem.model import lora_file
 from yem.params import set_values
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -23,19 +25,19 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 HALF_PRECISION_BOUND = 1e-2
 
 
-def processes_hardware(root, hardware: dict) -> dict:
-    """Write (and return) the hardware facts the multi-process stages run with: CUDA's as they are (NCCL),
+def processes_hardware(root, hardware: Hardware) -> Hardware:
+    """Write (and return) the hardware record the multi-process stages run with: CUDA's as it is (NCCL),
     elsewhere the CPU in fp32 over gloo (a Mac's one GPU can't be split)."""
-    if hardware["backend"] != "cuda":
-        hardware = {**hardware, "backend": "cpu", "dtype": "float32"}
-    (root / "hardware.json").write_text(json.dumps(hardware))
+    if hardware.backend != "cuda":
+        hardware = dataclasses.replace(hardware, backend="cpu", dtype="float32")
+    hardware.save(root / "hardware.json")
     return hardware
 
 
-def bound(hardware: dict, fp32: float) -> float:
+def bound(hardware: Hardware, fp32: float) -> float:
     """How far apart runs that split the same effective batch differently may end: in fp32 only the order of
     floating-point sums differs."""
-    return fp32 if hardware["dtype"] == "float32" else HALF_PRECISION_BOUND
+    return fp32 if hardware.dtype == "float32" else HALF_PRECISION_BOUND
 
 
 def params_file(root, name: str, values: dict):
@@ -115,7 +117,7 @@ def render_stage(root, name: str, devices: int, lora: str) -> dict:
 
 def test_a_mac_gpu_is_one_device():
     from yem.errors import HardwareError
-    from yem.launch import process_count
+    from yem.hardware.launch import process_count
 
     assert process_count("auto", "mps") == process_count(1, "mps") == 1
     with pytest.raises(HardwareError, match="train.devices: a Mac has one GPU.*got 2"):

@@ -7,13 +7,16 @@ from types import SimpleNamespace
 
 from click.testing import CliRunner
 
-from tests.test_memory import MAC_16, MAC_64, LINUX_BOX
-from yem import device, doctor, estimate, memory
+from tests.test_memory import LINUX_BOX, MAC_16, MAC_64
+from yem import doctor
 from yem.cli import main
+from yem.hardware import environment, fallbacks, memory
+from yem.hardware.budget import memory_budget
+from yem.model import architecture, footprint
 from yem.params import set_values
 
-SD3_MEDIUM = estimate.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
-MAC_WATERMARKS = device.mps_watermarks({})[0]
+SD3_MEDIUM = architecture.KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
+MAC_WATERMARKS = environment.mps_watermarks({})[0]
 # MPSFallback.mm's text as Python shows it (one op per process: TORCH_WARN_ONCE).
 FALLBACK = ("The operator 'aten::_linalg_solve_ex.result' is not currently supported on the MPS backend and will "
             "fall back to run on the CPU. This may have performance implications. (Triggered internally at "
@@ -22,11 +25,11 @@ FALLBACK = ("The operator 'aten::_linalg_solve_ex.result' is not currently suppo
 
 def mac_report(readings: memory.Readings, fallbacks: tuple[str, ...] = ()) -> doctor.Report:
     """What `gather` would find on a Mac running SD3-medium at 1024 px with auto batch and checkpointing."""
-    budget = memory.budget(readings)
-    work = estimate.Workload(backend="mps", dtype_bytes=2, resolution=1024, render_resolution=1024, batch_size=1,
+    budget = memory_budget(readings)
+    work = footprint.Workload(backend="mps", dtype_bytes=2, resolution=1024, render_resolution=1024, batch_size=1,
                              checkpointing=False, rank=4, targets=4, use_t5=True, t5_tokens=77)
     auto = SimpleNamespace(batch_size="auto", gradient_checkpointing="auto")
-    work, note = estimate.resolve_auto(SD3_MEDIUM, work, budget.bytes, auto)
+    work, note = doctor.resolve_auto(SD3_MEDIUM, work, budget.bytes, auto)
     label = doctor.machine_label(readings)
     return doctor.Report(
         backend="mps", requested="auto", chip="Apple M2", system="macOS 14.5 (arm64), Python 3.11.9",
@@ -34,13 +37,13 @@ def mac_report(readings: memory.Readings, fallbacks: tuple[str, ...] = ()) -> do
         precision=doctor.Precision(bf16=True, fp16=True, choice="float16", fallbacks=fallbacks),
         readings=readings, budget=budget, watermarks=MAC_WATERMARKS, thermal="nominal (macOS thermal state)",
         workload="SD3-medium at 1024 px, float16, batch auto",
-        stages=tuple(estimate.verdicts(SD3_MEDIUM, work, budget.bytes, label)), train_note=note, problem=None)
+        stages=tuple(doctor.verdicts(SD3_MEDIUM, work, budget.bytes, label)), train_note=note, problem=None)
 
 
 def test_16gb_mac_report_explains_the_budget_and_what_to_change():
     text = doctor.format_report(mac_report(MAC_16, fallbacks=("aten::_linalg_solve_ex.result",)))
     assert "16.0 GiB total" in text and "working set" in text and "10.7 GiB" in text
-    assert f"{memory.gib(memory.budget(MAC_16).bytes)}: 90% of the 10.7 GiB Metal working set" in text
+    assert f"{memory.gib(memory_budget(MAC_16).bytes)}: 90% of the 10.7 GiB Metal working set" in text
     assert "bf16 pass, fp16 pass -> float16" in text and "aten::_linalg_solve_ex.result" in text
     assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.9" in text and "pressure     normal" in text
     assert "gradient checkpointing on" in text  # auto decided it, as training will
@@ -97,22 +100,18 @@ def test_cpu_fallbacks_are_collected_once_and_other_warnings_still_show():
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *rest, **kw: shown.append(str(message))
-        with device.cpu_fallbacks() as fell_back:
+        with fallbacks.cpu_fallbacks() as fell_back:
             for _ in range(3):
-                warnings.warn(FALLBACK, UserWarning)
+                warnings.warn(FALLBACK, UserWarning, stacklevel=1)
             warnings.warn("The operator 'aten::col2im' is not currently supported on the MPS backend and will fall "
-                          "back to run on the CPU. This may have performance implications.", UserWarning)
-            warnings.warn("something else", UserWarning)
+                          "back to run on the CPU. This may have performance implications.", UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
     assert fell_back == ["aten::_linalg_solve_ex.result", "aten::col2im"]
     assert shown == ["something else"]
 
 
-def test_the_thermal_line_uses_yem_thermal_when_there_is_one(monkeypatch):
-    import sys
-
+def test_the_thermal_line_reads_the_training_devices_sensor(monkeypatch):
     state = SimpleNamespace(label="serious")
-    fake = SimpleNamespace(detect=lambda backend: SimpleNamespace(
+    monkeypatch.setattr(doctor.sensor, "detect", lambda backend: SimpleNamespace(
         read=lambda: SimpleNamespace(state=state, detail=f"{backend}: GPU 91 °C")))
-    monkeypatch.setitem(sys.modules, "yem.thermal", fake)
-    monkeypatch.delattr("yem.thermal", raising=False)
     assert doctor._thermal("cuda") == "serious (cuda: GPU 91 °C)"

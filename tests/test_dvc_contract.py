@@ -15,6 +15,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.conftest import REPO
+from yem import paths as artefacts
 from yem.params import SECTIONS
 
 DVC = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())
@@ -102,6 +103,13 @@ def test_every_path_in_the_command_is_a_dep_or_an_output(stage):
     volatile = {p for p in paths if p.startswith("logs/")}  # written, but no stage may depend on them
     assert paths - volatile <= known, f"{stage}: not declared in dvc.yaml: {sorted(paths - volatile - known)}"
     assert declared_outputs(spec) <= paths, f"{stage}: outputs missing from the command line"
+
+
+def test_the_commands_pass_the_paths_yem_defines():
+    """dvc.yaml hands every stage its paths; they are the ones yem.paths names, so yem's own commands (the
+    one-liner's --output, yem runs) find the results where the pipeline put them."""
+    used = {w for spec in STAGES.values() for w in shlex.split(spec["cmd"])[3:] if not w.startswith("--")}
+    assert used == {p.as_posix() for p in artefacts.ARTEFACTS}
 
 
 def test_stages_form_the_documented_chain():

@@ -9,9 +9,12 @@ import torch
 
 from tests.test_batching import AllocationLimit
 from tests.test_memory import MAC_16, MAC_64
-from yem import estimate, memory
-from yem.estimate import KNOWN_MODELS, Workload
-from yem.memory import GIB
+from yem import doctor
+from yem.hardware.budget import memory_budget
+from yem.hardware.memory import GIB
+from yem.model import architecture, footprint
+from yem.model.architecture import KNOWN_MODELS
+from yem.model.footprint import Workload
 from yem.params import load_params
 
 SD3_MEDIUM = KNOWN_MODELS["stabilityai/stable-diffusion-3-medium-diffusers"]
@@ -40,7 +43,7 @@ def work(**changes) -> Workload:
 
 
 def needs(arch, stage: str, **changes) -> int:
-    return estimate.STAGES[stage](arch, work(**changes)).total
+    return footprint.STAGES[stage](arch, work(**changes)).total
 
 
 @pytest.mark.parametrize("model_id", list(CONFIGS))
@@ -60,21 +63,21 @@ def test_known_models_match_what_diffusers_builds(model_id):
 def test_the_tiny_model_is_read_from_its_files(tiny_model_dir):
     from diffusers import SD3Transformer2DModel
 
-    arch = estimate.architecture_from_folder(tiny_model_dir, "tiny")
+    arch = architecture.architecture_from_folder(tiny_model_dir, "tiny")
     transformer = SD3Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
     stored = sum(p.numel() for p in transformer.parameters()) + sum(b.numel() for b in transformer.buffers())
     assert arch.transformer_params == stored  # from the safetensors header alone
     assert (arch.layers, arch.width, arch.joint_dim) == (transformer.config.num_layers, transformer.inner_dim,
                                                          transformer.config.joint_attention_dim)
     assert set(arch.text_encoders) == {"clip_l", "clip_g", "t5"}
-    assert dataclasses.replace(estimate.architecture_for("tiny"), name="tiny") == arch
+    assert dataclasses.replace(architecture.architecture_for("tiny"), name="tiny") == arch
 
 
 def test_a_folder_without_t5_has_no_t5_stage(tmp_path, tiny_model_dir):
     import shutil
 
     shutil.copytree(tiny_model_dir, tmp_path / "model", ignore=shutil.ignore_patterns("text_encoder_3"))
-    arch = estimate.architecture_for(str(tmp_path / "model"))
+    arch = architecture.architecture_for(str(tmp_path / "model"))
     assert "t5" not in arch.text_encoders
 
 
@@ -82,7 +85,7 @@ def test_an_unknown_model_that_is_not_downloaded_is_explained():
     from yem.errors import ModelError
 
     with pytest.raises(ModelError, match="model.id: someone/not-sd3"):
-        estimate.architecture_for("someone/not-sd3")
+        architecture.architecture_for("someone/not-sd3")
 
 
 def test_the_activation_formula_holds_on_a_model_it_was_not_calibrated_on(tiny_model_dir):
@@ -90,12 +93,12 @@ def test_the_activation_formula_holds_on_a_model_it_was_not_calibrated_on(tiny_m
     text tokens; the constants came from 4-8 blocks, width 256-512, mostly image tokens) with yem's LoRA."""
     from diffusers import SD3Transformer2DModel
 
-    from yem import lora
+    from yem.model import lora
 
     transformer = SD3Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer").requires_grad_(False)
     lora.attach(transformer, 4, 4, ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
     transformer.train()
-    arch = estimate.architecture_from_folder(tiny_model_dir, "tiny")
+    arch = architecture.architecture_from_folder(tiny_model_dir, "tiny")
     for resolution, batch, checkpointing in [(256, 2, False), (512, 1, False), (256, 2, True)]:
         if checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -105,7 +108,7 @@ def test_the_activation_formula_holds_on_a_model_it_was_not_calibrated_on(tiny_m
                       pooled_projections=torch.randn(batch, 96))
         with AllocationLimit(2**62) as live:
             transformer(**inputs, return_dict=False)[0].square().mean().backward()
-        predicted = estimate.train_activations(arch, work(backend="cpu", dtype_bytes=4, resolution=resolution,
+        predicted = footprint.train_activations(arch, work(backend="cpu", dtype_bytes=4, resolution=resolution,
                                                           batch_size=batch, checkpointing=checkpointing))
         assert 0.95 * live.peak <= predicted <= 1.3 * live.peak, (resolution, batch, checkpointing)
 
@@ -128,10 +131,10 @@ def test_activations_are_linear_in_the_batch_so_extrapolation_is_sound():
 
 
 def test_encode_is_the_largest_text_encoder_and_t5_off_removes_it():
-    parts = estimate.encode_stage(SD3_MEDIUM, work()).parts
+    parts = footprint.encode_stage(SD3_MEDIUM, work()).parts
     t5_weights = SD3_MEDIUM.text_encoders["t5"][0] * 2
     assert parts["T5-XXL weights"] == t5_weights and 9 * 10**9 < t5_weights < 10 * 10**9  # "T5-XXL ≈ 9.5 GB fp16"
-    without = estimate.encode_stage(SD3_MEDIUM, work(use_t5=False))
+    without = footprint.encode_stage(SD3_MEDIUM, work(use_t5=False))
     assert "CLIP-G weights" in without.parts and without.total < needs(SD3_MEDIUM, "encode") / 5
     assert needs(SD3_MEDIUM, "encode", backend="cpu", dtype_bytes=4) > 2 * t5_weights * 0.99  # fp32 on the CPU
 
@@ -143,49 +146,49 @@ def test_the_vae_stages_grow_with_the_pixels():
 
 
 def test_16gb_mac_at_1024px_gets_concrete_advice_and_a_64gb_mac_needs_none():
-    small, large = memory.budget(MAC_16).bytes, memory.budget(MAC_64).bytes
-    on_16 = {v.stage: v for v in estimate.verdicts(SD3_MEDIUM, work(), small, "16 GB Mac")}
+    small, large = memory_budget(MAC_16).bytes, memory_budget(MAC_64).bytes
+    on_16 = {v.stage: v for v in doctor.verdicts(SD3_MEDIUM, work(), small, "16 GB Mac")}
     assert not on_16["train"].fits and any("gradient_checkpointing" in a for a in on_16["train"].advice)
     assert any("set data.resolution: 512" in a and ", fits" in a for a in on_16["train"].advice)
     assert on_16["encode"].tight or not on_16["encode"].fits  # T5-XXL alone is most of a 16 GB Mac's budget
     assert any(a.startswith("16 GB Mac: set encode.use_t5: false") for a in on_16["encode"].advice)
-    on_64 = {v.stage: v for v in estimate.verdicts(SD3_MEDIUM, work(checkpointing=True), large, "64 GB Mac")}
+    on_64 = {v.stage: v for v in doctor.verdicts(SD3_MEDIUM, work(checkpointing=True), large, "64 GB Mac")}
     assert all(v.fits and not v.advice for v in on_64.values())
 
 
 def test_sd35_large_weights_alone_do_not_fit_a_16gb_mac():
-    verdicts = {v.stage: v for v in estimate.verdicts(SD35_LARGE, work(checkpointing=True), memory.budget(MAC_16).bytes,
+    verdicts = {v.stage: v for v in doctor.verdicts(SD35_LARGE, work(checkpointing=True), memory_budget(MAC_16).bytes,
                                                       "16 GB Mac")}
     assert not verdicts["train"].fits and any("weights alone" in a for a in verdicts["train"].advice)
 
 
 def test_an_int8_base_halves_the_training_weights_and_is_offered_where_weights_bind():
-    plain, int8 = (estimate.train_stage(SD3_MEDIUM, work(quantized_base=q)).parts["transformer weights"]
+    plain, int8 = (footprint.train_stage(SD3_MEDIUM, work(quantized_base=q)).parts["transformer weights"]
                    for q in (False, True))
     assert int8 == pytest.approx(2.12 * GIB, rel=0.05) and plain == pytest.approx(3.99 * GIB, rel=0.05)
-    verdicts = {v.stage: v for v in estimate.verdicts(SD35_LARGE, work(checkpointing=True), memory.budget(MAC_16).bytes,
+    verdicts = {v.stage: v for v in doctor.verdicts(SD35_LARGE, work(checkpointing=True), memory_budget(MAC_16).bytes,
                                                       "16 GB Mac")}
     assert any("set train.quantize_base: int8" in a for a in verdicts["train"].advice)
-    already = {v.stage: v for v in estimate.verdicts(SD35_LARGE, work(checkpointing=True, quantized_base=True),
-                                                     memory.budget(MAC_16).bytes, "16 GB Mac")}
+    already = {v.stage: v for v in doctor.verdicts(SD35_LARGE, work(checkpointing=True, quantized_base=True),
+                                                     memory_budget(MAC_16).bytes, "16 GB Mac")}
     assert not any("quantize_base" in a for a in already["train"].advice)
 
 
 def test_auto_settings_resolve_as_training_would():
     params = load_params(REPO / "params.yaml")
     auto = dataclasses.replace(params.train, batch_size="auto", gradient_checkpointing="auto")
-    small, large = memory.budget(MAC_16).bytes, memory.budget(MAC_64).bytes
-    on_16, note_16 = estimate.resolve_auto(SD3_MEDIUM, work(resolution=512), small, auto)
-    on_64, note_64 = estimate.resolve_auto(SD3_MEDIUM, work(resolution=512), large, auto)
+    small, large = memory_budget(MAC_16).bytes, memory_budget(MAC_64).bytes
+    on_16, note_16 = doctor.resolve_auto(SD3_MEDIUM, work(resolution=512), small, auto)
+    on_64, note_64 = doctor.resolve_auto(SD3_MEDIUM, work(resolution=512), large, auto)
     assert on_16.checkpointing and not on_64.checkpointing
     assert "batch auto" in note_16 and "checkpointing on" in note_16
-    assert 0 < estimate.largest_batch(SD3_MEDIUM, on_16, small) < estimate.largest_batch(SD3_MEDIUM, on_16, large)
-    assert estimate.largest_batch(SD35_LARGE, work(checkpointing=True), 2 * GIB) == 0
+    assert 0 < doctor.largest_batch(SD3_MEDIUM, on_16, small) < doctor.largest_batch(SD3_MEDIUM, on_16, large)
+    assert doctor.largest_batch(SD35_LARGE, work(checkpointing=True), 2 * GIB) == 0
 
 
 def test_workload_follows_params_yaml():
     params = load_params(REPO / "params.yaml")
-    found = estimate.workload(params, "cpu", 4)
+    found = footprint.workload(params, "cpu", 4)
     assert (found.resolution, found.rank, found.targets) == (params.data.resolution, params.train.rank,
                                                              len(params.train.targets))
     assert found.text_tokens == 77 + params.encode.max_sequence_length and found.use_t5 == params.encode.use_t5

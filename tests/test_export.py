@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from yem import export, lora_file
 from yem.cli import main as cli
 from yem.errors import YemError
+from yem.model import export, lora_file
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: a scale of 2, which a reader that ignores alpha gets wrong
 # Every kind of module the layouts treat differently: fused q/k/v (both streams), plain projections, the
@@ -25,7 +25,7 @@ def make_lora(model_dir, path, rank: int = RANK, alpha: float = ALPHA, targets=t
     """A LoRA saved by yem's own saver, with random A and B (a trained LoRA has non-zero B)."""
     from diffusers import SD3Transformer2DModel
 
-    from yem import lora
+    from yem.model import lora
 
     transformer = SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     lora.attach(transformer, rank, alpha, list(targets))

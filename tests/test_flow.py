@@ -3,7 +3,7 @@
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from yem import flow
+from yem.training import flow
 
 
 def test_add_noise_interpolates_from_data_to_noise():

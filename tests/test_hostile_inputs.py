@@ -15,13 +15,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests import corpus
+from tests.conftest import REPO, cpu_hardware
 from tests.corpus import latents_cached, preflight_in_process, preflight_stage, small_project, snapshot
-from tests.conftest import REPO
 from tests.images import toy_subject
-from yem import atomic, data
+from yem import atomic
+from yem.data import images, samples
+from yem.data.preflight import caption_manifest, survey
 from yem.errors import DataError, ParamsError
 from yem.params import DataParams, load_params
-from yem.preflight import caption_manifest, survey
 
 
 def settings(folder: Path, resolution: int = 32, small_images: str = "upscale") -> DataParams:
@@ -73,7 +74,7 @@ def test_files_that_are_not_images_are_skipped_with_a_note(tmp_path):
     (folder / "more").mkdir()
     (folder / "orphan.txt").write_text("a caption whose image is gone")
     (folder / ".DS_Store").write_bytes(b"\x00")
-    found = data.discover(folder, "instance", "data.instance_dir")
+    found = samples.discover(folder, "instance", "data.instance_dir")
     assert [s.id for s in found.samples] == ["instance/dog"]
     assert sorted(found.notes) == sorted([
         f"{folder / 'readme.md'}: skipped, not an image (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp).",
@@ -200,7 +201,7 @@ def _bilevel(path):
 def test_every_colour_mode_becomes_the_right_8_bit_rgb(tmp_path, build, name, tolerance):
     path, expected = build(tmp_path / name)
     for min_side in (None, 1):  # the plain decode, and the reduced-decode path the stages use
-        image = data.open_image(path, min_side)
+        image = images.open_image(path, min_side)
         assert image.mode == "RGB"
         got = np.asarray(image, dtype=int)[0, :len(expected)]
         assert np.abs(got - np.array(expected)).max() <= tolerance, (name, got.tolist(), expected)
@@ -215,7 +216,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation, red_corner):
     path = corpus.marked_photo(tmp_path / "rotated.jpg", orientation)
     portrait = orientation in (5, 6, 7, 8)
     for min_side, stored in ((None, (64, 32)), (4, (16, 8))):  # 4: JPEG decoded at 1/4 scale, then turned
-        image = data.open_image(path, min_side)
+        image = images.open_image(path, min_side)
         assert image.size == (stored[::-1] if portrait else stored)
         w, h = image.size
         corners = {"top-left": (1, 1), "top-right": (w - 2, 1), "bottom-left": (1, h - 2),
@@ -243,11 +244,12 @@ def test_small_images_are_upscaled_with_a_note_or_refused(tmp_path):
 PEAK_MEMORY = """
 import resource, sys
 from pathlib import Path
-from yem import data
+from yem.data import images
+from yem.errors import DataError
 try:
-    image = data.open_image(Path(sys.argv[1]), int(sys.argv[2]))
+    image = images.open_image(Path(sys.argv[1]), int(sys.argv[2]))
     outcome = f"{image.width}x{image.height}"
-except data.DataError as e:
+except DataError as e:
     outcome = str(e)
 per_unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * per_unit)
@@ -297,7 +299,7 @@ def test_huge_images_decode_in_bounded_memory(huge_images):
 def test_decompression_bombs_are_refused_from_their_header(tmp_path, side):
     path = corpus.bomb_png(tmp_path / "bomb.png", side, side)
     with pytest.raises(DataError) as caught:
-        data.open_image(path, 64)
+        images.open_image(path, 64)
     assert str(caught.value) == (f"{path}: too large to decode safely (got over 250,000,000 pixels: a decompression "
                                  f"bomb?). Downscale it, or remove it.")
 
@@ -314,7 +316,7 @@ def test_two_images_with_the_same_name_are_refused(tmp_path, names):
         pytest.skip("this file system folds these names into one")
     first, second = sorted(folder / name for name in names)
     with pytest.raises(DataError) as caught:
-        data.discover(folder, "instance", "data.instance_dir")
+        samples.discover(folder, "instance", "data.instance_dir")
     assert str(caught.value) == (f"{second}: same name as {first} (got {second.stem!r} twice, ignoring letter case and "
                                  f"how accents are encoded), so their captions and caches would collide. Rename one "
                                  f"of them.")
@@ -337,7 +339,7 @@ def test_a_file_name_that_is_not_utf8_is_refused(tmp_path):
     folder = photos(tmp_path / "photos", "fine.png")
     corpus.photo(folder / os.fsdecode(b"caf\xe9.png"), format="PNG")
     with pytest.raises(DataError) as caught:
-        data.discover(folder, "instance", "data.instance_dir")
+        samples.discover(folder, "instance", "data.instance_dir")
     assert str(caught.value) == f"{folder}/caf\\xe9.png: file name is not valid UTF-8. Rename it."
 
 
@@ -348,7 +350,7 @@ def test_symlinks_to_files_are_followed_and_broken_ones_named(tmp_path):
     (folder / "linked.png").symlink_to(elsewhere / "real.png")
     (folder / "album").symlink_to(elsewhere, target_is_directory=True)
     (folder / "notes").symlink_to(tmp_path / "gone")
-    found = data.discover(folder, "instance", "data.instance_dir")
+    found = samples.discover(folder, "instance", "data.instance_dir")
     assert [(s.id, s.path) for s in found.samples] == [("instance/linked", folder / "linked.png")]
     assert sorted(found.notes) == [f"{folder / 'album'}: skipped, a folder (images in subfolders are not used). "
                                    f"Move them up to use them.",
@@ -369,7 +371,7 @@ def test_captions_are_read_whitespace_collapsed_with_bom_utf16_and_any_case(tmp_
     (folder / "b.txt").write_text(" \n\t", encoding="utf-8")
     (folder / "c.txt").write_bytes("café dog".encode("utf-8-sig"))
     (folder / "D.TXT").write_bytes("dog on grass".encode("utf-16"))  # Windows Notepad "Unicode": BOM + UTF-16LE
-    found = data.discover(folder, "instance", "data.instance_dir")
+    found = samples.discover(folder, "instance", "data.instance_dir")
     by_id = {s.id: s for s in found.samples}
     assert {k: s.caption for k, s in by_id.items()} == {"instance/a": "a photo of sks dog", "instance/b": None,
                                                          "instance/c": "café dog", "instance/d": "dog on grass"}
@@ -381,7 +383,7 @@ def test_captions_that_are_not_utf8_text_are_refused_together(tmp_path):
     folder = photos(tmp_path / "photos", "latin.png", "wide.png")
     (folder / "latin.txt").write_bytes("café".encode("latin-1"))
     (folder / "wide.txt").write_bytes("dog".encode("utf-16-le"))  # no BOM
-    lines = str(pytest.raises(DataError, data.discover, folder, "instance", "data.instance_dir").value).splitlines()
+    lines = str(pytest.raises(DataError, samples.discover, folder, "instance", "data.instance_dir").value).splitlines()
     assert lines == ["2 problems with the training data; fix each, then rerun:",
                      f"  {folder / 'latin.txt'}: caption is not UTF-8 text (got byte b'\\xe9' at offset 3). Save it "
                      f"as UTF-8.",
@@ -392,7 +394,7 @@ def test_captions_that_are_not_utf8_text_are_refused_together(tmp_path):
 def test_a_caption_longer_than_the_token_limit_is_truncated_with_a_warning_naming_its_file(tmp_path, tiny_model_dir):
     project = small_project(tmp_path, validation=["a photo of sks dog", "a sks dog " * 20])
     (project / "build").mkdir()
-    (project / "build" / "preflight.json").write_text(json.dumps({"backend": "cpu", "dtype": "float32"}))
+    cpu_hardware().save(project / "build" / "preflight.json")
     long_caption = "a photo of sks dog sitting on a long red sofa in a sunny living room " * 3
     (project / "build" / "captions.json").write_text(json.dumps(
         {"captions": {"instance/rex": long_caption, "instance/max": None},

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from yem import device, memory
-from yem.memory import GIB, MIB, Readings
+from yem.hardware import environment, memory, out_of_memory, peaks
+from yem.hardware.budget import MPS_SHARE, OS_RESERVE_MIN, apply_budget, memory_budget, stable_gib
+from yem.hardware.memory import GIB, MIB, Readings
 
 # Replayed machines. A 16 GB Mac's MPS out-of-memory messages say "max allowed: 18.13 GB" = 1.7 × the working set,
 # i.e. 10.67 GiB = 2/3 of 16 GiB. An M2 Max with 64 GiB: recommendedMaxWorkingSetSize = 55,662.79 MB (llama.cpp's
@@ -37,7 +38,7 @@ MPS_OOM_UNLIMITED = ("MPS backend out of memory (MPS allocated: 30.01 GiB, other
 
 @pytest.mark.parametrize("mac", [MAC_16, M5_PRO_48, MAC_64], ids=["16GB", "48GB-M5-Pro", "64GB"])
 def test_mps_budget_stays_inside_the_working_set_where_torch_default_would_swap(mac):
-    budget = memory.budget(mac)
+    budget = memory_budget(mac)
     assert mac.device_total / 2 < budget.bytes < mac.device_total < mac.total_ram
     assert "working set" in budget.why
     torch_default_limit = 1.7 * mac.device_total
@@ -46,35 +47,35 @@ def test_mps_budget_stays_inside_the_working_set_where_torch_default_would_swap(
 
 
 def test_a_bigger_mac_gets_a_bigger_budget_and_16gb_leaves_macos_room():
-    small, large = memory.budget(MAC_16), memory.budget(MAC_64)
-    assert small.bytes < memory.budget(M5_PRO_48).bytes < large.bytes
+    small, large = memory_budget(MAC_16), memory_budget(MAC_64)
+    assert small.bytes < memory_budget(M5_PRO_48).bytes < large.bytes
     assert MAC_16.total_ram - small.bytes > 5 * GIB  # macOS, the desktop and the training process's own RAM
 
 
 def test_cuda_budget_leaves_room_for_the_context_and_cpu_keeps_some_ram_for_the_os():
-    assert 0.8 * H100.device_total < memory.budget(H100).bytes < H100.device_total
-    cpu = memory.budget(LINUX_BOX)
-    assert memory.OS_RESERVE_MIN <= LINUX_BOX.total_ram - cpu.bytes < LINUX_BOX.total_ram / 2
+    assert 0.8 * H100.device_total < memory_budget(H100).bytes < H100.device_total
+    cpu = memory_budget(LINUX_BOX)
+    assert OS_RESERVE_MIN <= LINUX_BOX.total_ram - cpu.bytes < LINUX_BOX.total_ram / 2
     tiny_ram = Readings("cpu", total_ram=4 * GIB, available_ram=GIB, swap_used=0, device_total=None)
-    assert memory.budget(tiny_ram).bytes == 4 * GIB - memory.OS_RESERVE_MIN
+    assert memory_budget(tiny_ram).bytes == 4 * GIB - OS_RESERVE_MIN
 
 
 def test_memory_limit_caps_the_budget_but_never_raises_it():
-    capped = memory.budget(MAC_64, limit_gib=8)
+    capped = memory_budget(MAC_64, limit_gib=8)
     assert capped.bytes == 8 * GIB and "device.memory_limit_gib" in capped.why
-    assert memory.budget(MAC_16, limit_gib=100) == memory.budget(MAC_16)
+    assert memory_budget(MAC_16, limit_gib=100) == memory_budget(MAC_16)
 
 
 def test_without_the_working_set_api_the_budget_assumes_the_smallest_share_seen():
     old_torch = Readings("mps", total_ram=16 * GIB, available_ram=GIB, swap_used=0, device_total=None)
-    assert memory.budget(old_torch).bytes == pytest.approx(memory.budget(MAC_16).bytes, rel=0.01)
-    assert "torch < 2.5" in memory.budget(old_torch).why
+    assert memory_budget(old_torch).bytes == pytest.approx(memory_budget(MAC_16).bytes, rel=0.01)
+    assert "torch < 2.5" in memory_budget(old_torch).why
 
 
 def test_stable_budget_is_rounded_down_and_does_not_jitter():
-    assert memory.stable_gib(int(9.61 * GIB)) == 9.5
-    assert memory.stable_gib(int(9.61 * GIB)) == memory.stable_gib(int(9.99 * GIB))
-    assert memory.stable_gib(int(9.4 * GIB)) < 9.4
+    assert stable_gib(int(9.61 * GIB)) == 9.5
+    assert stable_gib(int(9.61 * GIB)) == stable_gib(int(9.99 * GIB))
+    assert stable_gib(int(9.4 * GIB)) < 9.4
 
 
 class FakeMps:
@@ -141,55 +142,55 @@ def test_reading_cuda_and_a_container_limit(tmp_path):
 
 def test_apply_budget_caps_mps_at_the_budget_unless_the_user_set_the_hard_limit():
     torch = fake_torch(MAC_16.device_total)
-    budget = memory.budget(MAC_16)
-    yem_env = device.mps_watermarks({})[0]
-    note = memory.apply_budget(budget, MAC_16, env=yem_env, torch_module=torch)
+    budget = memory_budget(MAC_16)
+    yem_env = environment.mps_watermarks({})[0]
+    note = apply_budget(budget, MAC_16, env=yem_env, torch_module=torch)
     (fraction,) = torch.mps.fractions
     assert abs(fraction * MAC_16.device_total - budget.bytes) < MIB  # torch's limit = fraction × working set
     assert fraction * MAC_16.device_total < MAC_16.total_ram and "capped" in note
     mine = fake_torch(MAC_16.device_total)
-    note = memory.apply_budget(budget, MAC_16, env={device.MPS_HIGH_WATERMARK: "0.0"}, torch_module=mine)
+    note = apply_budget(budget, MAC_16, env={environment.MPS_HIGH_WATERMARK: "0.0"}, torch_module=mine)
     assert mine.mps.fractions == [] and "environment" in note
 
 
 def test_apply_budget_on_cuda_and_cpu():
     torch = fake_torch(cuda_total=H100.device_total)
-    memory.apply_budget(memory.budget(H100), H100, env={}, torch_module=torch)
+    apply_budget(memory_budget(H100), H100, env={}, torch_module=torch)
     assert torch.cuda.fractions and torch.cuda.fractions[0] * H100.device_total == pytest.approx(
-        memory.budget(H100).bytes, rel=1e-6)
+        memory_budget(H100).bytes, rel=1e-6)
     cpu = fake_torch()
-    assert "swap" in memory.apply_budget(memory.budget(LINUX_BOX), LINUX_BOX, env={}, torch_module=cpu)
+    assert "swap" in apply_budget(memory_budget(LINUX_BOX), LINUX_BOX, env={}, torch_module=cpu)
     assert cpu.cuda.fractions == [] and cpu.mps.fractions == []
 
 
 @pytest.mark.parametrize("message", [MPS_OOM_16GB, MPS_OOM_GIB, MPS_OOM_UNLIMITED])
 def test_mps_out_of_memory_is_recognised(message):
-    assert memory.is_out_of_memory(RuntimeError(message))
+    assert out_of_memory.is_out_of_memory(RuntimeError(message))
 
 
 def test_other_out_of_memory_errors_and_things_that_are_not():
     import torch
 
-    assert memory.is_out_of_memory(MemoryError())
-    assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory.is_out_of_memory(MemoryError())
+    assert out_of_memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     try:
         torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: the CPU allocator's own error, for real
     except RuntimeError as real:
-        assert memory.is_out_of_memory(real)
-    assert not memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
-    assert not memory.is_out_of_memory(ValueError(MPS_OOM_16GB))  # only torch's RuntimeError carries it
+        assert out_of_memory.is_out_of_memory(real)
+    assert not out_of_memory.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not out_of_memory.is_out_of_memory(ValueError(MPS_OOM_16GB))  # only torch's RuntimeError carries it
 
 
 def test_the_mps_message_gives_back_the_limit_it_hit():
-    found = memory.parse_mps_oom(MPS_OOM_16GB)
+    found = out_of_memory.parse_mps_oom(MPS_OOM_16GB)
     assert found.pool == "private" and found.requested == 1024 * MIB
     assert found.allocated + found.other + found.requested > found.max_allowed  # why it failed
     # 1.7 × the 16 GB Mac's working set (torch's default high watermark) is the "max allowed" it printed
     assert found.max_allowed == pytest.approx(1.7 * MAC_16.device_total, rel=0.001)
-    assert memory.parse_mps_oom(MPS_OOM_GIB).requested == pytest.approx(12.06 * GIB, rel=1e-3)
-    unlimited = memory.parse_mps_oom(MPS_OOM_UNLIMITED)
+    assert out_of_memory.parse_mps_oom(MPS_OOM_GIB).requested == pytest.approx(12.06 * GIB, rel=1e-3)
+    unlimited = out_of_memory.parse_mps_oom(MPS_OOM_UNLIMITED)
     assert unlimited.max_allowed is None and unlimited.pool == "shared" and unlimited.other == 384 * 1024
-    assert memory.parse_mps_oom("CUDA out of memory") is None
+    assert out_of_memory.parse_mps_oom("CUDA out of memory") is None
 
 
 @pytest.mark.parametrize("history, pressured", [
@@ -200,30 +201,30 @@ def test_the_mps_message_gives_back_the_limit_it_hit():
     ([0.0, 0.3, 0.6, 0.4, 0.5, 0.7], False),  # rising again, but not by 512 MiB in the window
 ])
 def test_swap_growth_counts_as_pressure_only_when_large_and_sustained(history, pressured):
-    assert (memory.memory_pressure([int(gb * GIB) for gb in history]) is not None) == pressured
+    assert (out_of_memory.memory_pressure([int(gb * GIB) for gb in history]) is not None) == pressured
 
 
 def test_critical_macos_pressure_is_pressure_whatever_the_swap():
-    assert "critical" in memory.memory_pressure([0, 0], pressure_level=memory.MACOS_CRITICAL_PRESSURE)
-    assert memory.memory_pressure([0, 0], pressure_level=2) is None
+    assert "critical" in out_of_memory.memory_pressure([0, 0], pressure_level=out_of_memory.MACOS_CRITICAL_PRESSURE)
+    assert out_of_memory.memory_pressure([0, 0], pressure_level=2) is None
 
 
 def test_cpu_peak_is_real_and_resets():
     import torch
 
-    memory.reset_peak("cpu")
-    before = memory.peak_bytes("cpu")
+    peaks.reset_peak("cpu")
+    before = peaks.peak_bytes("cpu")
     block = torch.ones(64 * MIB // 4)  # 64 MiB, touched
     block.add_(1)
-    grown = memory.peak_bytes("cpu")
+    grown = peaks.peak_bytes("cpu")
     del block
     assert grown - before >= 48 * MIB
     if sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK):
-        from yem.device import empty_cache
+        from yem.hardware.device import empty_cache
 
         empty_cache("cpu")  # hand the freed block back, then the reset lowers the peak
-        memory.reset_peak("cpu")
-        assert memory.peak_bytes("cpu") < grown - 32 * MIB
+        peaks.reset_peak("cpu")
+        assert peaks.peak_bytes("cpu") < grown - 32 * MIB
 
 
 def test_a_sampled_peak_sees_a_value_that_came_and_went():
@@ -234,7 +235,7 @@ def test_a_sampled_peak_sees_a_value_that_came_and_went():
         state["value"] = next(values, 10)
         return state["value"]
 
-    sampler = memory._PeakSampler(reading, interval_s=0.0005)
+    sampler = peaks._PeakSampler(reading, interval_s=0.0005)
     import time
 
     deadline = time.monotonic() + 5
@@ -246,22 +247,22 @@ def test_a_sampled_peak_sees_a_value_that_came_and_went():
 
 
 def test_preflight_records_only_stable_memory_facts():
+    from yem.hardware.probe import probe_hardware
     from yem.params import DeviceParams
-    from yem.preflight import probe_hardware
 
     stable, volatile = probe_hardware(DeviceParams(backend="cpu", mixed_precision="auto", memory_limit_gib=None))
     again, _ = probe_hardware(DeviceParams(backend="cpu", mixed_precision="auto", memory_limit_gib=None))
     assert stable == again  # nothing that moves between runs: free memory and swap stay in the log
-    assert stable["memory_budget_gib"] > 0 and stable["chip"]
-    assert {"memory_available_gib", "swap_used_gib"} <= set(volatile) and not {"memory_available_gib"} & set(stable)
+    assert stable.memory_budget_gib > 0 and stable.chip
+    assert {"memory_available_gib", "swap_used_gib"} <= set(volatile) and not hasattr(stable, "memory_available_gib")
     capped, _ = probe_hardware(DeviceParams(backend="cpu", mixed_precision="auto", memory_limit_gib=1.2))
-    assert capped["memory_budget_gib"] == 1.0
+    assert capped.memory_budget_gib == 1.0
 
 
 def torch_accepts(env: dict[str, str]) -> bool:
     """MPSAllocator.mm's checks at start-up: 0 <= high <= 2, then 0 <= low <= (high, or 2 when high is 0)."""
-    high = strtod(env.get(device.MPS_HIGH_WATERMARK, "1.7"))
-    low = strtod(env.get(device.MPS_LOW_WATERMARK, "1.4"))  # the unified-memory default
+    high = strtod(env.get(environment.MPS_HIGH_WATERMARK, "1.7"))
+    low = strtod(env.get(environment.MPS_LOW_WATERMARK, "1.4"))  # the unified-memory default
     return 0 <= high <= 2 and 0 <= low <= (high or 2.0)
 
 
@@ -275,22 +276,22 @@ def strtod(text: str) -> float:
 
 @pytest.mark.parametrize("given", [
     {},
-    {device.MPS_HIGH_WATERMARK: "0.7"},  # kohya-ss/sd-scripts#603: "invalid low watermark ratio 1.4"
-    {device.MPS_HIGH_WATERMARK: "0.0"},  # unlimited, as torch's own OOM message suggests
-    {device.MPS_HIGH_WATERMARK: "1.8"},
-    {device.MPS_LOW_WATERMARK: "0.5"},
-    {device.MPS_LOW_WATERMARK: "1.2"},
-    {device.MPS_HIGH_WATERMARK: "0.6", device.MPS_LOW_WATERMARK: "0.8"},
-    {device.MPS_HIGH_WATERMARK: "lots"},
-    {device.MPS_LOW_WATERMARK: "3"},
+    {environment.MPS_HIGH_WATERMARK: "0.7"},  # kohya-ss/sd-scripts#603: "invalid low watermark ratio 1.4"
+    {environment.MPS_HIGH_WATERMARK: "0.0"},  # unlimited, as torch's own OOM message suggests
+    {environment.MPS_HIGH_WATERMARK: "1.8"},
+    {environment.MPS_LOW_WATERMARK: "0.5"},
+    {environment.MPS_LOW_WATERMARK: "1.2"},
+    {environment.MPS_HIGH_WATERMARK: "0.6", environment.MPS_LOW_WATERMARK: "0.8"},
+    {environment.MPS_HIGH_WATERMARK: "lots"},
+    {environment.MPS_LOW_WATERMARK: "3"},
 ])
 def test_the_watermark_pair_always_starts_torch(given):
-    updates, note = device.mps_watermarks(given)
+    updates, note = environment.mps_watermarks(given)
     assert torch_accepts({**given, **updates})
     if torch_accepts(given) and all(_is_ratio(value) for value in given.values()):
         assert note is None  # a note only when something of yours had to change
-    if device.MPS_HIGH_WATERMARK in given and _is_ratio(given[device.MPS_HIGH_WATERMARK]):
-        assert device.MPS_HIGH_WATERMARK not in updates  # your hard limit stays
+    if environment.MPS_HIGH_WATERMARK in given and _is_ratio(given[environment.MPS_HIGH_WATERMARK]):
+        assert environment.MPS_HIGH_WATERMARK not in updates  # your hard limit stays
 
 
 def _is_ratio(text: str) -> bool:
@@ -301,16 +302,17 @@ def _is_ratio(text: str) -> bool:
 
 
 def test_yem_sets_both_watermarks_and_its_hard_limit_is_the_budget():
-    updates, note = device.mps_watermarks({})
-    assert note is None and set(updates) == {device.MPS_HIGH_WATERMARK, device.MPS_LOW_WATERMARK}
-    assert float(updates[device.MPS_LOW_WATERMARK]) < float(updates[device.MPS_HIGH_WATERMARK]) == memory.MPS_SHARE
-    assert not device.user_high_watermark(updates) and device.user_high_watermark({device.MPS_HIGH_WATERMARK: "0"})
+    updates, note = environment.mps_watermarks({})
+    assert note is None and set(updates) == {environment.MPS_HIGH_WATERMARK, environment.MPS_LOW_WATERMARK}
+    assert float(updates[environment.MPS_LOW_WATERMARK]) < float(updates[environment.MPS_HIGH_WATERMARK]) == MPS_SHARE
+    assert not environment.user_high_watermark(updates)
+    assert environment.user_high_watermark({environment.MPS_HIGH_WATERMARK: "0"})
 
 
 def test_configure_environment_sets_the_pair_only_on_macos(monkeypatch):
-    for name in (device.MPS_HIGH_WATERMARK, device.MPS_LOW_WATERMARK):
+    for name in (environment.MPS_HIGH_WATERMARK, environment.MPS_LOW_WATERMARK):
         monkeypatch.delenv(name, raising=False)
-    device.configure_environment(platform="linux")
-    assert device.MPS_HIGH_WATERMARK not in os.environ
-    device.configure_environment(platform="darwin")
-    assert torch_accepts(dict(os.environ)) and os.environ[device.MPS_HIGH_WATERMARK] == "0.9"
+    environment.configure_environment(platform="linux")
+    assert environment.MPS_HIGH_WATERMARK not in os.environ
+    environment.configure_environment(platform="darwin")
+    assert torch_accepts(dict(os.environ)) and os.environ[environment.MPS_HIGH_WATERMARK] == "0.9"

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
 from tests.corpus import latents_cached, snapshot
-from yem import sd3
 from yem.errors import ModelError
+from yem.model import sd3
 from yem.params import ModelParams, set_values
 
 SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"

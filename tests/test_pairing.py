@@ -3,8 +3,8 @@ order is an exact function of (seed, position)."""
 
 import torch
 
-from yem import cache
-from yem.trainset import load_training_set, make_batch, positions
+from yem.data import cache
+from yem.data.trainset import load_training_set, make_batch, positions
 
 
 def write_caches(root, count: int):
@@ -17,7 +17,8 @@ def write_caches(root, count: int):
                             {"mean": torch.full((16, 2, 2), float(i)), "std": torch.zeros(16, 2, 2),
                              "flip_mean": torch.full((16, 2, 2), float(-i)), "flip_std": torch.zeros(16, 2, 2)})
         cache.write_tensors(embeds / f"{keys[sample_id]}.safetensors",
-                            {"prompt_embeds": torch.full((5, 8), 1000.0 + i), "pooled_prompt_embeds": torch.full((4,), 2000.0 + i)})
+                            {"prompt_embeds": torch.full((5, 8), 1000.0 + i),
+                             "pooled_prompt_embeds": torch.full((4,), 2000.0 + i)})
     cache.write_index(latents, {"samples": {s: f"{s}.safetensors" for s in reversed(ids)}, "resolution": 16,
                                 "flip": True})
     cache.write_index(embeds, {"samples": keys, "texts": {}, "validation": [], "negative": ""})
@@ -51,7 +52,7 @@ def test_each_epoch_shows_every_image_repeats_times_in_a_seeded_order():
 
 def test_a_sample_draws_the_same_noise_in_any_batch_split(tmp_path):
     """Batch 4 in one micro-batch, 2 × 2, or split over 2 processes: each sample gets identical randomness."""
-    from yem.trainset import micro_batch
+    from yem.data.trainset import micro_batch
 
     data = load_training_set(*write_caches(tmp_path, 5), torch.device("cpu"))
     draw_u = lambda g: torch.rand(1, generator=g)  # noqa: E731

@@ -10,8 +10,8 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from tests.conftest import make_project, run
+from yem.outputs.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
 from yem.params import set_values
-from yem.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
 
 pytestmark = pytest.mark.pipeline
 PROMPT = "a photo of sks dog"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from yem import power
+from yem.hardware import power
 
 # `pmset -g batt` as printed by macOS (tab before the percentage; the id varies per machine)
 CHARGING = ("Now drawing from 'AC Power'\n -InternalBattery-0 (id=22806627)\t83%; charging; 1:00 remaining "
@@ -55,7 +55,7 @@ def test_battery_warning_names_the_charge_only_when_draining():
     assert linux.startswith("power: running on battery (55% left)")
     assert power.battery_warning("darwin", pmset=lambda: UPS).startswith("power: running on battery. ")
     for source in (CHARGING, DESKTOP, ""):
-        assert power.battery_warning("darwin", pmset=lambda: source) is None
+        assert power.battery_warning("darwin", pmset=lambda text=source: text) is None
     assert power.battery_warning("linux", battery=lambda: None) is None
 
 

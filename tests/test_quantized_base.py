@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.test_training import render_change, train
-from yem import lora_file
+from yem.model import lora_file
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def test_int8_lora_has_the_plain_keys_and_changes_an_unquantized_pipeline(projec
 def test_int8_quantizes_the_block_linears_only(tiny_model_dir):
     from optimum.quanto import QLinear
 
+    from yem.model.sd3 import load_transformer, quantize_frozen_base
     from yem.params import ModelParams
-    from yem.sd3 import load_transformer, quantize_frozen_base
 
     transformer = load_transformer(ModelParams(id="tiny", revision=None), torch.float32, "cpu")
     floats = sum(t.numel() * t.element_size() for t in transformer.state_dict().values())

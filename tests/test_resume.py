@@ -17,10 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from yem import checkpoint, lora_file
 from yem.errors import TrainingStopped
+from yem.model import lora_file
 from yem.params import set_values
-from yem.train import run_training
+from yem.training import checkpoint
+from yem.training.loop import run_training
+from yem.training.runlog import RunLog
 
 
 def settings(project, **changes):
@@ -52,9 +54,11 @@ def reference(cached_project):
 
 
 def test_sigint_mid_run_then_rerun_matches_an_uninterrupted_run(cached_project, reference, monkeypatch):
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
 
-    original = yem.train.update
+    original = yem.training.loop.update
 
     def update_then_signal(run, step):
         loss = original(run, step)
@@ -62,10 +66,10 @@ def test_sigint_mid_run_then_rerun_matches_an_uninterrupted_run(cached_project, 
             os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came in during step 7
         return loss
 
-    monkeypatch.setattr(yem.train, "update", update_then_signal)
+    monkeypatch.setattr(yem.training.loop, "update", update_then_signal)
     with pytest.raises(TrainingStopped, match=r"stopped by SIGINT after step 7/12.*Rerun `dvc repro`"):
         train(cached_project, "interrupted")
-    monkeypatch.setattr(yem.train, "update", original)
+    monkeypatch.setattr(yem.training.loop, "update", original)
     resumed = train(cached_project, "interrupted")
     assert resumed.resumed_from == 7
     root = cached_project[0]
@@ -76,25 +80,27 @@ CHILD = """
 import sys, time, dataclasses
 sys.path.insert(0, {repo!r})
 from tests.conftest import configure_environment
-import yem.train
+import yem.training.loop
+from yem.hardware.record import Hardware
 from yem.params import load_params
-slow = yem.train.update
+slow = yem.training.loop.update
 def update(run, step):  # slower steps, so the parent can catch the run in the middle
     time.sleep({delay})
     return slow(run, step)
-yem.train.update = update
+yem.training.loop.update = update
 {inject}
 root = __import__("pathlib").Path({root!r})
 params = load_params(root / "params.yaml")
-hardware = __import__("json").loads((root / "hardware.json").read_text())
-yem.train.run_training(params.model, params.train, hardware, root / "latents", root / "embeds", root / {out!r}, root)
+hardware = Hardware.load(root / "hardware.json")
+yem.training.loop.run_training(params.model, params.train, hardware, root / "latents", root / "embeds",
+                               root / {out!r}, root)
 """
 
 
 def child(project, out: str, steps: int, delay: float, inject: str = "") -> subprocess.Popen:
     """Train in a separate process with the project's params.yaml (written from `settings`)."""
     root, params, hardware = project
-    (root / "hardware.json").write_text(json.dumps(hardware))
+    hardware.save(root / "hardware.json")
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     set_values(root / "params.yaml", {"train.steps": steps, "train.checkpoint_every": 4,
                                       "data.instance_dir": "instance", "data.resolution": 64,
@@ -130,8 +136,8 @@ def test_kill_9_then_rerun_matches_an_uninterrupted_run(cached_project, referenc
 def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint(cached_project, reference):
     """The child dies (SIGKILL) halfway through writing the second checkpoint's optimizer state."""
     inject = """
-    import os, signal, yem.checkpoint
-    real_save = yem.checkpoint.torch.save
+    import os, signal, yem.training.checkpoint
+    real_save = yem.training.checkpoint.torch.save
     def dying_save(obj, path, *a, **k):
         if "step-00000008" in str(path):
             with open(path, "wb") as f:
@@ -139,7 +145,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_checkpoint(cached_
                 f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, path, *a, **k)
-    yem.checkpoint.torch.save = dying_save
+    yem.training.checkpoint.torch.save = dying_save
     """
     root = cached_project[0]
     process = child(cached_project, "killed-in-write", steps=12, delay=0.0, inject=inject)
@@ -163,7 +169,7 @@ def test_signal_to_the_train_stage_exits_cleanly_and_the_rerun_completes(cached_
     process = child(cached_project, "unused", steps=12, delay=0)  # writes params.yaml + hardware.json only
     process.kill()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    slow = ("import runpy, sys, time, yem.train as t; u = t.update; "
+    slow = ("import runpy, sys, time, yem.training.loop as t; u = t.update; "
             "t.update = lambda run, step: (time.sleep(0.15), u(run, step))[1]; "
             "sys.argv = ['stages.train', *sys.argv[1:]]; runpy.run_module('stages.train', run_name='__main__')")
     stage_run = subprocess.Popen([sys.executable, "-c", slow, *stage[2:]], cwd=root, env=env, text=True,
@@ -187,7 +193,8 @@ def test_signal_to_the_train_stage_exits_cleanly_and_the_rerun_completes(cached_
 def test_damaged_checkpoints_are_skipped_for_the_previous_good_one(tmp_path):
     def state(step: int) -> checkpoint.TrainingState:
         return checkpoint.TrainingState(step=step, adapter={"w": torch.full((3,), float(step))}, optimizer={},
-                                        scheduler={}, log={"step": step}, rng=checkpoint.capture_rng())
+                                        scheduler={}, log=RunLog(dtype="float32", step=step),
+                                        rng=checkpoint.capture_rng())
 
     for step in (2, 4, 6, 8):
         checkpoint.save(tmp_path, state(step), keep=4)
@@ -204,15 +211,18 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_good_one(tmp_path):
 
 def test_checkpoints_keep_only_the_newest(tmp_path):
     for step in range(1, 6):
-        checkpoint.save(tmp_path, checkpoint.TrainingState(step, {"w": torch.zeros(1)}, {}, {}, {}, {}), keep=2)
+        state = checkpoint.TrainingState(step, {"w": torch.zeros(1)}, {}, {}, RunLog(dtype="float32"), {})
+        checkpoint.save(tmp_path, state, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
 
 
 def nan_at(monkeypatch, bad_steps):
     """Make the loss NaN (so every gradient is NaN) at the given steps; `bad_steps(step, calls)` decides."""
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
 
-    update, loss, calls, current = yem.train.update, yem.train.batch_loss, {"n": 0}, {}
+    update, loss, calls, current = yem.training.loop.update, yem.training.loop.batch_loss, {"n": 0}, {}
 
     def tracking_update(run, step):
         current["step"] = step
@@ -225,8 +235,8 @@ def nan_at(monkeypatch, bad_steps):
             return value * float("nan")
         return value
 
-    monkeypatch.setattr(yem.train, "update", tracking_update)
-    monkeypatch.setattr(yem.train, "batch_loss", poisoned_loss)
+    monkeypatch.setattr(yem.training.loop, "update", tracking_update)
+    monkeypatch.setattr(yem.training.loop, "batch_loss", poisoned_loss)
 
 
 def test_isolated_nonfinite_steps_are_skipped_and_counted(cached_project, monkeypatch):
@@ -261,20 +271,22 @@ class ReplayedSensor:
         self.states = list(states)
 
     def read(self):
-        from yem.thermal import Reading
+        from yem.hardware.thermal.reading import Reading
 
         state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
         return Reading(state=state, source="replay", detail=f"replayed {state.label}")
 
 
 def test_heat_pauses_training_without_changing_its_result(cached_project, reference, monkeypatch):
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
+    from yem.hardware.thermal.reading import ThermalState as T
     from yem.params import ThermalParams
-    from yem.thermal import ThermalState as T
 
     sensor = ReplayedSensor(T.NOMINAL, T.SERIOUS, T.SERIOUS, T.FAIR, T.NOMINAL)  # hot after the first window
-    monkeypatch.setattr(yem.train.thermal, "detect", lambda backend: sensor)
-    monkeypatch.setattr(yem.train.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(yem.training.setup.sensor, "detect", lambda backend: sensor)
+    monkeypatch.setattr(yem.training.state.time, "sleep", lambda seconds: None)
     root, params, hardware = cached_project
     result = run_training(params.model, settings(cached_project), hardware, root / "latents", root / "embeds",
                           root / "paused", root, ThermalParams(policy="pause", max_pause_s=60))
@@ -285,15 +297,17 @@ def test_heat_pauses_training_without_changing_its_result(cached_project, refere
 
 
 def test_critical_heat_stops_with_a_checkpoint_and_the_rerun_resumes(cached_project, reference, monkeypatch):
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
+    from yem.hardware.thermal.reading import ThermalState as T
     from yem.params import ThermalParams
-    from yem.thermal import ThermalState as T
 
     root, params, hardware = cached_project
     heat = ThermalParams(policy="pause", max_pause_s=60)
 
     def attempt(sensor):
-        monkeypatch.setattr(yem.train.thermal, "detect", lambda backend: sensor)
+        monkeypatch.setattr(yem.training.setup.sensor, "detect", lambda backend: sensor)
         return run_training(params.model, settings(cached_project), hardware, root / "latents", root / "embeds",
                             root / "critical", root, heat)
 
@@ -307,17 +321,19 @@ def test_critical_heat_stops_with_a_checkpoint_and_the_rerun_resumes(cached_proj
 def test_batch_size_auto_plans_then_backs_off_on_out_of_memory_with_the_same_result(cached_project, monkeypatch):
     """auto plans batch 4 (the whole effective batch fits); a MemoryError at step 6 halves it to 2 × 2: the step
     covers the same samples with the same noise, so the weights match a fixed 4 × 1 run."""
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
 
     fixed = train(cached_project, "batch-fixed", batch_size=4, gradient_accumulation=1, gradient_checkpointing=False)
-    update = yem.train.update
+    update = yem.training.loop.update
 
     def update_running_out(run, step):
         if step == 5 and run.plan.batch_size == 4:
             raise MemoryError("simulated: the device is full")
         return update(run, step)
 
-    monkeypatch.setattr(yem.train, "update", update_running_out)
+    monkeypatch.setattr(yem.training.loop, "update", update_running_out)
     auto = train(cached_project, "batch-auto", batch_size="auto", effective_batch_size=4, gradient_checkpointing=False)
     metrics = auto.metrics()
     assert (metrics["batch_size"], metrics["gradient_accumulation"], metrics["memory_backoffs"]) == (2, 2, 1)
@@ -331,14 +347,16 @@ def test_growing_swap_backs_the_batch_off_like_an_out_of_memory_error(cached_pro
     """Unified memory pages out before it fails: swap rising every window is treated as memory pressure."""
     import dataclasses as dc
 
-    import yem.train
+    import yem.training.loop
+    import yem.training.setup
+    import yem.training.state
 
-    real_read, grown = yem.train.memory.read, iter(range(1, 100))
+    real_read, grown = yem.training.loop.memory.read, iter(range(1, 100))
 
     def swapping(backend, source=None):
         return dc.replace(real_read(backend), swap_used=next(grown) * 300 * 2**20)  # +300 MiB per window
 
-    monkeypatch.setattr(yem.train.memory, "read", swapping)
+    monkeypatch.setattr(yem.training.loop.memory, "read", swapping)
     result = train(cached_project, "swap", batch_size=4, gradient_accumulation=1, gradient_checkpointing=False)
     metrics = result.metrics()
     assert metrics["memory_backoffs"] >= 1 and metrics["batch_size"] < 4

@@ -10,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from yem import thermal
 from yem.errors import TrainingStopped
-from yem.thermal import Action, GpuHeat, Governor, Reading, ThermalState, Totals
+from yem.hardware.thermal import macos
+from yem.hardware.thermal.governor import COOLDOWN_S, POLL_S, Action, Governor, Totals, decide
+from yem.hardware.thermal.macos import FOUNDATION, LIBOBJC, MacSensor, mac_state, objc_thermal_state
+from yem.hardware.thermal.nvml import GpuHeat, NvmlSensor, gpu_state
+from yem.hardware.thermal.reading import NoSensor, Reading, ThermalState
+from yem.hardware.thermal.sensor import detect
+from yem.hardware.thermal.sysfs import SysfsSensor
 
 S = ThermalState
 # nvmlDeviceGetTemperatureThreshold on an H100 (notes) and an H200 (driver 580.159.04): the same values
@@ -56,19 +61,19 @@ def run_windows(governor: Governor, clock: FakeClock, windows: list[tuple[Therma
 # ---- macOS ----------------------------------------------------------------------------------------------------
 
 def test_mac_state_maps_the_nsprocessinfo_enum():
-    assert [thermal.mac_state(v) for v in (0, 1, 2, 3)] == [S.NOMINAL, S.FAIR, S.SERIOUS, S.CRITICAL]
-    assert thermal.mac_state(7) is S.UNKNOWN and thermal.mac_state(-1) is S.UNKNOWN
+    assert [mac_state(v) for v in (0, 1, 2, 3)] == [S.NOMINAL, S.FAIR, S.SERIOUS, S.CRITICAL]
+    assert mac_state(7) is S.UNKNOWN and mac_state(-1) is S.UNKNOWN
 
 
 def test_mac_sensor_replays_a_warming_and_cooling_sequence():
     values = iter([0, 1, 2, 1, 0])
-    sensor = thermal.MacSensor(query=lambda: next(values))
+    sensor = MacSensor(query=lambda: next(values))
     states = [sensor.read().state for _ in range(5)]
     assert states == [S.NOMINAL, S.FAIR, S.SERIOUS, S.FAIR, S.NOMINAL]
 
 
 def test_mac_sensor_off_macos_reads_unknown_instead_of_raising():
-    got = thermal.MacSensor().read()  # Linux: loading Foundation fails with OSError
+    got = MacSensor().read()  # Linux: loading Foundation fails with OSError
     assert got.state is S.UNKNOWN and got.source == "macos" and "unreadable" in got.detail
 
 
@@ -91,9 +96,9 @@ def test_objc_calls_use_one_typed_function_per_prototype(monkeypatch):
         sel_registerName = staticmethod(lambda name: selectors[name])
 
     loaded = []
-    monkeypatch.setattr(thermal.ctypes, "CDLL", lambda path: loaded.append(path) or FakeObjc())
-    query = thermal.objc_thermal_state()
-    assert loaded == [thermal.FOUNDATION, thermal.LIBOBJC]  # Foundation first, so the class is registered
+    monkeypatch.setattr(macos.ctypes, "CDLL", lambda path: loaded.append(path) or FakeObjc())
+    query = objc_thermal_state()
+    assert loaded == [FOUNDATION, LIBOBJC]  # Foundation first, so the class is registered
     assert query() == 2 and query() == 2
     assert calls == [(0x1000, 0x2000), (process_info, 0x3000), (process_info, 0x3000)]  # processInfo once
     assert FakeObjc.objc_getClass.restype is ctypes.c_void_p
@@ -103,8 +108,8 @@ def test_importing_and_detecting_never_loads_libobjc():
     code = ("import ctypes\n"
             "def refuse(*a, **k): raise AssertionError('libobjc loaded at import')\n"
             "ctypes.CDLL = refuse\n"
-            "import yem.thermal as t\n"
-            "assert isinstance(t.detect('mps', platform='darwin'), t.MacSensor)\n")
+            "from yem.hardware.thermal import macos, sensor\n"
+            "assert isinstance(sensor.detect('mps', platform='darwin'), macos.MacSensor)\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
 
 
@@ -122,13 +127,13 @@ def test_importing_and_detecting_never_loads_libobjc():
     (95, 0, S.CRITICAL),
 ])
 def test_gpu_state_against_h100_thresholds(celsius, reasons, expected):
-    assert thermal.gpu_state(GpuHeat(celsius, **H100, reasons=reasons)) is expected
+    assert gpu_state(GpuHeat(celsius, **H100, reasons=reasons)) is expected
 
 
 def test_gpu_state_without_thresholds_uses_the_reason_bits():
     none = {"shutdown": None, "slowdown": None, "max_operating": None}
-    assert thermal.gpu_state(GpuHeat(99, **none, reasons=0)) is S.NOMINAL
-    assert thermal.gpu_state(GpuHeat(60, **none, reasons=HW_THERMAL)) is S.SERIOUS
+    assert gpu_state(GpuHeat(99, **none, reasons=0)) is S.NOMINAL
+    assert gpu_state(GpuHeat(60, **none, reasons=HW_THERMAL)) is S.SERIOUS
 
 
 class FakeNvml:
@@ -179,13 +184,13 @@ class FakeNvml:
 
 def test_nvml_sensor_reports_the_hottest_visible_gpu():
     nvml = FakeNvml({0: (45, IDLE), 1: (86, HW_THERMAL), 2: (88, 0)})
-    got = thermal.NvmlSensor.open(nvml, visible=None).read()
+    got = NvmlSensor.open(nvml, visible=None).read()
     assert got.state is S.SERIOUS and got.source == "nvml" and got.celsius == 86
     assert "GPU 86 °C (slowdown at 89 °C, shutdown at 95 °C); clocks: HW thermal slowdown" == got.detail
 
 
 def test_nvml_reads_the_gpu_max_threshold_not_the_memory_one():
-    got = thermal.NvmlSensor.open(FakeNvml({0: (87, 0)}), visible=None).read()
+    got = NvmlSensor.open(FakeNvml({0: (87, 0)}), visible=None).read()
     assert got.state is S.FAIR  # 87 °C is the core's max operating temperature; memory's limit is 95
 
 
@@ -193,7 +198,7 @@ def test_nvml_reads_the_gpu_max_threshold_not_the_memory_one():
                                                ("", S.UNKNOWN)])
 def test_nvml_sensor_follows_cuda_visible_devices(visible, expected):
     nvml = FakeNvml({0: (45, IDLE), 1: (80, HW_THERMAL), 2: (90, 0)})
-    assert thermal.NvmlSensor.open(nvml, visible=visible).read().state is expected
+    assert NvmlSensor.open(nvml, visible=visible).read().state is expected
 
 
 def test_nvml_uses_the_temperature_v_call_where_the_driver_has_it():
@@ -201,22 +206,22 @@ def test_nvml_uses_the_temperature_v_call_where_the_driver_has_it():
         def nvmlDeviceGetTemperatureV(self, handle, sensor):
             return 93  # the deprecated call below would say 40
 
-    assert thermal.NvmlSensor.open(NewNvml({0: (40, 0)}), visible=None).read().state is S.CRITICAL
+    assert NvmlSensor.open(NewNvml({0: (40, 0)}), visible=None).read().state is S.CRITICAL
 
     class OldDriver(FakeNvml):
         def nvmlDeviceGetTemperatureV(self, handle, sensor):
             raise self.NVMLError("Function Not Found")
 
-    assert thermal.NvmlSensor.open(OldDriver({0: (40, 0)}), visible=None).read().celsius == 40
+    assert NvmlSensor.open(OldDriver({0: (40, 0)}), visible=None).read().celsius == 40
 
 
 def test_nvml_missing_thresholds_and_failures_degrade_to_unknown():
-    partial = thermal.NvmlSensor.open(FakeNvml({0: (88, 0)}, thresholds={1: 89}), visible=None).read()
+    partial = NvmlSensor.open(FakeNvml({0: (88, 0)}, thresholds={1: 89}), visible=None).read()
     assert partial.state is S.NOMINAL and partial.detail == "GPU 88 °C (slowdown at 89 °C)"
-    no_driver = thermal.NvmlSensor.open(FakeNvml({0: (50, 0)}, fail_init=True), visible=None)
-    assert isinstance(no_driver, thermal.NoSensor) and "Driver Not Loaded" in no_driver.read().detail
+    no_driver = NvmlSensor.open(FakeNvml({0: (50, 0)}, fail_init=True), visible=None)
+    assert isinstance(no_driver, NoSensor) and "Driver Not Loaded" in no_driver.read().detail
     nvml = FakeNvml({0: (50, 0)})
-    sensor = thermal.NvmlSensor.open(nvml, visible=None)
+    sensor = NvmlSensor.open(nvml, visible=None)
     del nvml.gpus[0]  # the GPU fell off the bus
     assert sensor.read().state is S.UNKNOWN
 
@@ -245,7 +250,7 @@ LAPTOP_TRIPS = [("active", 60000), ("passive", 95000), ("critical", 105000)]
 ])
 def test_sysfs_zone_at_and_below_trip_points(tmp_path, millideg, expected):
     make_zone(tmp_path, 0, "x86_pkg_temp", millideg, LAPTOP_TRIPS)
-    got = thermal.SysfsSensor(tmp_path).read()
+    got = SysfsSensor(tmp_path).read()
     assert got.state is expected and got.celsius == millideg / 1000 and got.source == "sysfs"
 
 
@@ -256,23 +261,23 @@ def test_sysfs_hot_trip_is_serious_and_the_worst_zone_wins(tmp_path):
     make_zone(tmp_path, 3, "bogus", 70000, [("passive", 0), ("critical", -273200)])  # unused trips
     (tmp_path / "thermal_zone4").mkdir()
     (tmp_path / "thermal_zone4" / "temp").mkdir()  # a sensor that answers with an error
-    got = thermal.SysfsSensor(tmp_path).read()
+    got = SysfsSensor(tmp_path).read()
     assert got.state is S.SERIOUS and got.detail.startswith("soc 86 °C")
 
 
 def test_sysfs_without_zones_reads_unknown(tmp_path):
     """The H100 VM has no /sys/class/thermal zones at all: that is a normal state, not an error."""
-    assert thermal.SysfsSensor(tmp_path).read().state is S.UNKNOWN
+    assert SysfsSensor(tmp_path).read().state is S.UNKNOWN
 
 
 def test_detect_picks_the_source_for_the_device(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # as on a Mac or a Linux box without nvidia-ml-py
-    assert isinstance(thermal.detect("mps", platform="darwin"), thermal.MacSensor)
-    assert isinstance(thermal.detect("cpu", platform="darwin"), thermal.MacSensor)
-    assert isinstance(thermal.detect("cpu", platform="linux"), thermal.SysfsSensor)
-    cuda = thermal.detect("cuda", platform="linux")
-    assert isinstance(cuda, thermal.NoSensor) and "nvidia-ml-py" in cuda.read().detail
-    assert thermal.detect("cpu", platform="win32").read().state is S.UNKNOWN
+    assert isinstance(detect("mps", platform="darwin"), MacSensor)
+    assert isinstance(detect("cpu", platform="darwin"), MacSensor)
+    assert isinstance(detect("cpu", platform="linux"), SysfsSensor)
+    cuda = detect("cuda", platform="linux")
+    assert isinstance(cuda, NoSensor) and "nvidia-ml-py" in cuda.read().detail
+    assert detect("cpu", platform="win32").read().state is S.UNKNOWN
 
 
 # ---- the governor ---------------------------------------------------------------------------------------------
@@ -285,7 +290,7 @@ def test_detect_picks_the_source_for_the_device(monkeypatch):
     ("stop", S.FAIR, False, Action.CONTINUE), ("ignore", S.CRITICAL, True, Action.CONTINUE),
 ])
 def test_policy_table(policy, state, slowed, expected):
-    assert thermal.decide(policy, state, slowed) is expected
+    assert decide(policy, state, slowed) is expected
 
 
 def test_serious_pauses_until_the_state_falls_back():
@@ -294,7 +299,7 @@ def test_serious_pauses_until_the_state_falls_back():
     actions = run_windows(governor, clock, [(S.NOMINAL, 1.0), (S.FAIR, 1.0), (S.SERIOUS, 1.0)])
     assert actions == [Action.CONTINUE, Action.CONTINUE, Action.PAUSE]
     assert governor.wait_until_cool(replay([S.SERIOUS, S.SERIOUS, S.FAIR]), clock.sleep) is Action.CONTINUE
-    assert clock.sleeps == [thermal.POLL_S, thermal.POLL_S]
+    assert clock.sleeps == [POLL_S, POLL_S]
     clock.now += 60
     assert governor.observe(reading(S.FAIR), 1.0) is Action.CONTINUE
     totals = governor.metrics()
@@ -362,7 +367,7 @@ def test_a_sustained_40_percent_slowdown_while_nominal_pauses_for_a_cooldown():
     assert actions == [Action.CONTINUE] * 6 + [Action.PAUSE]
     assert governor.slowdown == pytest.approx(1.4)
     assert governor.wait_until_cool(replay([S.NOMINAL]), clock.sleep) is Action.CONTINUE
-    assert sum(clock.sleeps) == thermal.COOLDOWN_S  # the sensor says nominal: wait a fixed cool-down
+    assert sum(clock.sleeps) == COOLDOWN_S  # the sensor says nominal: wait a fixed cool-down
     assert "1.40× slower" in str(governor.stop_error(1, 2)) and "nominal" in str(governor.stop_error(1, 2))
 
 

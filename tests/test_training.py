@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from yem import lora_file
-from yem.train import run_training
+from yem.model import lora_file
+from yem.training.loop import run_training
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,12 @@ def test_heldout_flow_loss_drops_after_training(project):
 
 
 def base_model_heldout_loss(project) -> float:
-    from yem import sd3, trainset
-    from yem.objective import heldout_loss
+    from yem.data import trainset
+    from yem.model import sd3
+    from yem.training.objective import heldout_loss
 
     root, params, hardware = project
-    dtype = getattr(torch, hardware["dtype"])
+    dtype = hardware.torch_dtype
     data = trainset.load_training_set(root / "latents", root / "embeds", torch.device("cpu"))
     return heldout_loss(sd3.load_transformer(params.model, dtype, "cpu"), data, dtype)
 
@@ -86,7 +87,7 @@ def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(projec
 
 
 def test_compile_auto_compiles_only_long_runs_on_cuda(project):
-    from yem.train import COMPILE_MIN_STEPS, compiles
+    from yem.training.setup import COMPILE_MIN_STEPS, compiles
 
     settings = project[1].train
     long, short = (dataclasses.replace(settings, compile="auto", steps=n) for n in (COMPILE_MIN_STEPS, 100))

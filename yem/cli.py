@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from yem import paths
 from yem.errors import YemError
 
 # When a real model replaces the tiny demo model, keys the user did not set take values suited to SD3.
@@ -19,7 +20,17 @@ REAL_MODEL_DEFAULTS = {"train.learning_rate": 1e-4, "train.steps": 500, "render.
                        "render.guidance_scale": 7.0}
 
 
-@click.group()
+class Commands(click.Group):
+    """yem's commands: a YemError from any of them is one line on stderr and exit status 1, without traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except YemError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=Commands)
 @click.version_option(package_name="yem")
 def main() -> None:
     """DreamBooth LoRA for Stable Diffusion 3 on Apple Silicon, CUDA and CPU."""
@@ -54,28 +65,25 @@ def train(model, data, prompt, resolution, batch_size, steps, rank, alpha, lr, v
     from yem.params import load_params, set_values
 
     project = params_path.resolve().parent
-    try:
-        if not (project / "dvc.yaml").exists():
-            raise YemError(f"{project}: no dvc.yaml here. Run yem from the yem project folder, or pass --params "
-                           f"path/to/params.yaml.")
-        explicit = {"model.id": model, "data.instance_dir": _portable(data, project), "prompts.instance": prompt,
-                    "data.resolution": resolution, "train.batch_size": batch_size, "train.steps": steps,
-                    "train.rank": rank, "train.alpha": alpha if alpha is not None else rank,
-                    "train.learning_rate": lr, "prompts.validation": list(validation_prompt) or None}
-        updates = {key: value for key, value in explicit.items() if value is not None}
-        if model not in (None, "tiny"):
-            updates = {**{k: v for k, v in REAL_MODEL_DEFAULTS.items() if k not in updates}, **updates}
-        if updates:
-            set_values(params_path, updates)
-            for key, value in updates.items():
-                click.echo(f"params.yaml {key}: {value}", err=True)
-        load_params(params_path)
-        _repro(project)
-        if output:
-            shutil.copytree(project / "dist", output, dirs_exist_ok=True)
-            click.echo(f"result copied to {output}", err=True)
-    except YemError as e:
-        raise click.ClickException(str(e)) from None
+    if not (project / "dvc.yaml").exists():
+        raise YemError(f"{project}: no dvc.yaml here. Run yem from the yem project folder, or pass --params "
+                       f"path/to/params.yaml.")
+    explicit = {"model.id": model, "data.instance_dir": _portable(data, project), "prompts.instance": prompt,
+                "data.resolution": resolution, "train.batch_size": batch_size, "train.steps": steps,
+                "train.rank": rank, "train.alpha": alpha if alpha is not None else rank,
+                "train.learning_rate": lr, "prompts.validation": list(validation_prompt) or None}
+    updates = {key: value for key, value in explicit.items() if value is not None}
+    if model not in (None, "tiny"):
+        updates = {**{k: v for k, v in REAL_MODEL_DEFAULTS.items() if k not in updates}, **updates}
+    if updates:
+        set_values(params_path, updates)
+        for key, value in updates.items():
+            click.echo(f"params.yaml {key}: {value}", err=True)
+    load_params(params_path)
+    _repro(project)
+    if output:
+        shutil.copytree(project / paths.DIST, output, dirs_exist_ok=True)
+        click.echo(f"result copied to {output}", err=True)
 
 
 def _portable(folder: Path | None, project: Path) -> str | None:
@@ -107,32 +115,26 @@ def _repro(project: Path) -> None:
               help="the .safetensors file to write, or a folder to write it into")
 def export_lora(fmt: str, source: Path, out: Path) -> None:
     """Convert a LoRA trained earlier into another tool's layout; its provenance metadata is kept."""
-    from yem import export, lora_file
+    from yem.model import export, lora_file
 
-    try:
-        source = lora_file.resolve(source)
-        target = out if out.suffix == ".safetensors" else out / export.file_name(fmt, export.lora_name(source))
-        if target.resolve() == source.resolve():
-            raise YemError(f"--out: is the source file itself (got {out}). Write to another file or folder.")
-        export.convert(source, fmt, target)
-    except YemError as e:
-        raise click.ClickException(str(e)) from None
+    source = lora_file.resolve(source)
+    target = out if out.suffix == ".safetensors" else out / export.file_name(fmt, export.lora_name(source))
+    if target.resolve() == source.resolve():
+        raise YemError(f"--out: is the source file itself (got {out}). Write to another file or folder.")
+    export.convert(source, fmt, target)
     click.echo(f"{fmt} LoRA written to {target}", err=True)
 
 
 @main.command()
 @click.option("--repo-id", required=True, help="the Hub model repo, <user or org>/<name> (created if missing)")
 @click.option("--private", is_flag=True, help="create the repo as private")
-@click.option("--dist", type=click.Path(path_type=Path), default="dist", show_default=True,
+@click.option("--dist", type=click.Path(path_type=Path), default=str(paths.DIST), show_default=True,
               help="the folder the card stage wrote")
 def push(repo_id: str, private: bool, dist: Path) -> None:
     """Upload dist/ (LoRA files, images, model card) to the Hugging Face Hub; needs a token that can write."""
-    from yem.card import push as push_to_hub
+    from yem.outputs.card import push as push_to_hub
 
-    try:
-        url = push_to_hub(dist, repo_id, private)
-    except YemError as e:
-        raise click.ClickException(str(e)) from None
+    url = push_to_hub(dist, repo_id, private)
     click.echo(f"uploaded {dist} to {url}", err=True)
 
 
@@ -143,8 +145,5 @@ def doctor(params_path: Path) -> None:
     from yem.doctor import format_report, gather
     from yem.params import load_params
 
-    try:
-        params = load_params(params_path) if params_path.exists() else None
-        click.echo(format_report(gather(params)), nl=False)
-    except YemError as e:
-        raise click.ClickException(str(e)) from None
+    params = load_params(params_path) if params_path.exists() else None
+    click.echo(format_report(gather(params)), nl=False)

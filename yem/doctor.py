@@ -1,9 +1,10 @@
 """`yem doctor`: what this machine can do with this params.yaml, explained for a person.
 
 It gathers what preflight decides (backend, the precision probe, the memory budget) plus what preflight keeps
-out of build/preflight.json (free memory, swap, heat), and sets each stage's estimated memory (yem.estimate)
+out of build/preflight.json (free memory, swap, heat), and sets each stage's estimated memory (yem.model.footprint)
 against the budget, with the params.yaml change that would make a stage fit. `gather` reads the machine;
-`format_report` is a pure function of what it read, so tests feed it replayed readings of other machines.
+`format_report` is a pure function of what it read, so tests feed it replayed readings of other machines. The
+advice lives here, not beside the estimate, so rewording it reruns no pipeline stage.
 """
 
 import os
@@ -11,12 +12,19 @@ import platform
 from dataclasses import dataclass, replace
 from importlib import metadata
 
-from yem import device, estimate, memory
 from yem.errors import YemError
-from yem.memory import gib
-from yem.params import Params
+from yem.hardware import device, environment, fallbacks, memory
+from yem.hardware.budget import Budget, memory_budget
+from yem.hardware.memory import gib
+from yem.hardware.thermal import sensor
+from yem.model import architecture, footprint
+from yem.model.architecture import Architecture
+from yem.model.footprint import STAGES, Workload, estimate, train_stage
+from yem.params import Params, TrainParams
+from yem.training.batching import MAX_AUTO_BATCH, PLAN_MARGIN
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TIGHT = 0.85  # of the limit: an estimate this close may well not fit (allocator caches, other apps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,28 +44,28 @@ class Report:
     libraries: str
     precision: Precision
     readings: memory.Readings
-    budget: memory.Budget
+    budget: Budget
     watermarks: dict[str, str]  # the MPS allocator's variables as this process has them
     thermal: str
     workload: str | None  # "SD3-medium at 1024 px, float16, batch auto": what the stages were estimated for
-    stages: tuple[estimate.Verdict, ...]
+    stages: tuple["Verdict", ...]
     train_note: str  # how auto checkpointing / batch would go
     problem: str | None  # why there is no estimate
 
 
 def gather(params: Params | None) -> Report:
     """Read this machine (and, with params, estimate every stage). Imports torch: call it from the CLI only."""
-    device.configure_environment()  # before torch is imported
+    environment.configure_environment()  # before torch is imported
     settings = params.device if params else None
     requested = settings.backend if settings else "auto"
     backend = device.pick_backend(requested)
     precision = probe_precision(backend, settings.mixed_precision if settings else "auto")
     readings = memory.read(backend)
-    budget = memory.budget(readings, settings.memory_limit_gib if settings else None)
+    budget = memory_budget(readings, settings.memory_limit_gib if settings else None)
     base = Report(backend=backend, requested=requested, chip=device.device_name(backend), system=_system(),
                   libraries=", ".join(f"{name} {_version(name)}" for name in ("torch", "diffusers", "peft")),
                   precision=precision, readings=readings, budget=budget,
-                  watermarks={k: os.environ[k] for k in (device.MPS_HIGH_WATERMARK, device.MPS_LOW_WATERMARK)
+                  watermarks={k: os.environ[k] for k in (environment.MPS_HIGH_WATERMARK, environment.MPS_LOW_WATERMARK)
                               if k in os.environ},
                   thermal=_thermal(backend), workload=None, stages=(), train_note="",
                   problem="no params.yaml: pass --params to estimate the stages" if params is None else None)
@@ -65,7 +73,7 @@ def gather(params: Params | None) -> Report:
 
 
 def probe_precision(backend: str, requested: str) -> Precision:
-    with device.cpu_fallbacks() as fell_back:
+    with fallbacks.cpu_fallbacks() as fell_back:
         bf16, fp16 = (device.probe_dtype(backend, name) for name in ("bfloat16", "float16"))
         try:
             choice = device.pick_dtype(backend, requested)
@@ -79,16 +87,109 @@ def _with_estimate(report: Report, params: Params) -> Report:
     if itemsize is None:
         return replace(report, problem="no precision could be chosen, so no estimate")
     try:
-        arch = estimate.architecture_for(params.model.id, params.model.revision)
+        arch = architecture.architecture_for(params.model.id, params.model.revision)
     except YemError as e:
         return replace(report, problem=str(e))
-    work = estimate.workload(params, report.backend, itemsize)
-    work, note = estimate.resolve_auto(arch, work, report.budget.bytes, params.train)
+    work = footprint.workload(params, report.backend, itemsize)
+    work, note = resolve_auto(arch, work, report.budget.bytes, params.train)
     batch = params.train.batch_size
     described = (f"{arch.name} at {params.data.resolution} px, {report.precision.choice}, batch {batch}"
                  f"{', T5 off' if not params.encode.use_t5 else ''}")
-    stages = estimate.verdicts(arch, work, report.budget.bytes, machine_label(report.readings))
+    stages = verdicts(arch, work, report.budget.bytes, machine_label(report.readings))
     return replace(report, workload=described, stages=tuple(stages), train_note=note)
+
+
+def resolve_auto(arch: Architecture, work: Workload, budget: int, train: TrainParams) -> tuple[Workload, str]:
+    """Decide `auto` as training will (checkpointing only when batch 1 does not fit without it) and predict the
+    batch `auto` will measure its way to. Returns the workload at the first batch tried, and a note."""
+    limit = budget * PLAN_MARGIN
+    notes = []
+    if train.gradient_checkpointing == "auto":
+        without = train_stage(arch, replace(work, checkpointing=False)).total
+        work = replace(work, checkpointing=without > limit)
+        notes.append(f"gradient checkpointing {'on' if work.checkpointing else 'off'} (auto: batch "
+                     f"{work.batch_size} needs {gib(without)} without it)")
+    if train.batch_size == "auto":
+        expected = largest_batch(arch, work, budget)
+        notes.append(f"batch auto: about {expected} per step expected" if expected else
+                     "batch auto: not even 1 per step is expected to fit")
+    return work, "; ".join(notes)
+
+
+def largest_batch(arch: Architecture, work: Workload, budget: int) -> int:
+    """The largest batch the estimate puts under the planner's margin (0 when batch 1 does not fit)."""
+    one = train_stage(arch, replace(work, batch_size=1)).total
+    per_image = train_stage(arch, replace(work, batch_size=2)).total - one
+    limit = budget * PLAN_MARGIN
+    return 0 if one > limit else min(MAX_AUTO_BATCH, 1 + int((limit - one) / per_image))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    stage: str
+    needs: int
+    fits: bool
+    tight: bool  # fits, but within 15 % of the limit
+    largest: str  # what takes most of it: "T5-XXL weights 9.1 GiB"
+    advice: list[str]
+
+
+def verdicts(arch: Architecture, work: Workload, budget: int, machine: str) -> list[Verdict]:
+    """Each stage against the budget (train against the batch planner's 90 %), with advice where it is over
+    or tight."""
+    found = []
+    for stage in estimate(arch, work):
+        limit = _limit(stage.stage, budget)
+        fits, tight = stage.total <= limit, TIGHT * limit < stage.total <= limit
+        name, size = max(stage.parts.items(), key=lambda item: item[1]) if stage.parts else ("nothing", 0)
+        advice = advise(stage.stage, arch, work, budget, machine) if tight or not fits else []
+        found.append(Verdict(stage.stage, stage.total, fits, tight, f"{name} {gib(size)}", advice))
+    return found
+
+
+def _limit(stage: str, budget: int) -> float:
+    return budget * PLAN_MARGIN if stage == "train" else budget
+
+
+def advise(stage: str, arch: Architecture, work: Workload, budget: int, machine: str) -> list[str]:
+    """What to change in params.yaml, each with what the stage would then need (from this same estimate)."""
+    advice = []
+    for setting, changed in _changes(stage, work):
+        needs = STAGES[stage](arch, changed).total
+        verdict = "fits" if needs <= _limit(stage, budget) else "still over"
+        advice.append(f"{machine}: set {setting} ({stage} then needs {gib(needs)}, {verdict} the {gib(budget)} budget)")
+    weights = sum(size for part, size in STAGES[stage](arch, work).parts.items() if "weights" in part)
+    if stage in ("train", "render") and weights > _limit(stage, budget):
+        advice.append(f"{machine}: the {arch.name} weights alone exceed the budget; use a smaller base model (SD3.5 "
+                      f"medium rather than large) or a machine with more memory")
+    return advice
+
+
+def _changes(stage: str, work: Workload) -> list[tuple[str, Workload]]:
+    """The params.yaml settings that shrink a stage, and the workload each leads to."""
+    half, render_half = _half(work.resolution), _half(work.render_resolution)
+    if stage == "encode":
+        found = [("encode.use_t5: false", replace(work, use_t5=False))] if work.use_t5 else []
+        if work.dtype_bytes == 4 and work.backend != "cpu":
+            found.append(("device.mixed_precision: auto", replace(work, dtype_bytes=2)))
+        return found
+    if stage == "latents":
+        return [(f"data.resolution: {half}", replace(work, resolution=half))]
+    if stage == "render":
+        return [(f"render.resolution: {render_half}", replace(work, render_resolution=render_half))]
+    found = [] if work.checkpointing else [("train.gradient_checkpointing: auto", replace(work, checkpointing=True))]
+    if work.batch_size > 1:
+        found.append(("train.batch_size: auto", replace(work, batch_size=1)))
+    if not work.quantized_base:
+        found.append(("train.quantize_base: int8", replace(work, quantized_base=True)))
+    smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
+    also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
+    return found + [(f"data.resolution: {half}{also}", smaller)]
+
+
+def _half(resolution: int) -> int:
+    """Half the resolution, kept a multiple of 16 (latent ×8, patch ×2) and at least 64."""
+    return max(64, resolution // 2 // 16 * 16)
 
 
 def machine_label(readings: memory.Readings) -> str:
@@ -151,12 +252,7 @@ def _rows(rows: list[tuple[str, str]]) -> list[str]:
 
 
 def _thermal(backend: str) -> str:
-    """The thermal state, where this yem has a thermal module (yem.thermal)."""
-    try:
-        from yem import thermal
-    except ImportError:
-        return "not checked (this yem has no thermal module)"
-    reading = thermal.detect(backend).read()
+    reading = sensor.detect(backend).read()
     return f"{reading.state.label} ({reading.detail})"
 
 

@@ -6,22 +6,14 @@ YAML 1.2 safe loader, as DVC does (PyYAML would read `1e-4` as a string). Every 
 reported at once: unknown keys (with the nearest valid name), missing keys, wrong types, out-of-range values.
 """
 
-import dataclasses
-import difflib
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from yem.errors import ParamsError
+from yem.schema import build, kind, rule, unknown_keys
 
 Auto = Literal["auto"]
-
-
-def rule(**checks: Any) -> Any:
-    """Attach range checks to a field: at_least, above, at_most, multiple_of, non_empty."""
-    return field(metadata=checks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +156,15 @@ def load_params(path: Path | str) -> Params:
     raw = read_yaml(path)
     problems: list[str] = []
     if not isinstance(raw, dict):
-        raise ParamsError(str(path), [f": expected sections like 'train:' at the top level (got {_kind(raw)})."])
+        raise ParamsError(str(path), [f": expected sections like 'train:' at the top level (got {kind(raw)})."])
     names = [cls.SECTION for cls in SECTIONS]
-    problems += _unknown(raw, names, prefix="")
+    problems += unknown_keys(raw, names, prefix="")
     sections = {}
     for cls in SECTIONS:
         if cls.SECTION not in raw:
             problems.append(f"{cls.SECTION}: missing section. Add it (see the params.yaml in the yem repository).")
             continue
-        section, found = _build(cls, raw[cls.SECTION])
+        section, found = build(cls, raw[cls.SECTION], cls.SECTION)
         problems += found
         sections[cls.SECTION] = section
     if not problems:
@@ -236,101 +228,3 @@ def set_values(path: Path, updates: dict[str, Any]) -> None:
     finally:
         staged.unlink(missing_ok=True)
     atomic.write_text(path, buffer.getvalue())
-
-
-def _build(cls: type, raw: Any) -> tuple[Any, list[str]]:
-    section = cls.SECTION
-    if not isinstance(raw, dict):
-        return None, [f"{section}: expected a mapping of keys (got {_kind(raw)})."]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    problems = _unknown(raw, list(fields), prefix=f"{section}.")
-    values = {}
-    for name, f in fields.items():
-        key = f"{section}.{name}"
-        if name not in raw:
-            problems.append(f"{key}: missing. Add it (expected {_describe(hints[name])}).")
-            continue
-        value = raw[name]
-        if not _matches(value, hints[name]):
-            problems.append(f"{key}: expected {_describe(hints[name])} (got {value!r}).{_nearest(value, hints[name])}")
-            continue
-        problems += [f"{key}: {p}" for p in _check_rules(value, f.metadata)]
-        values[name] = float(value) if hints[name] is float and isinstance(value, int) else value
-    if problems:
-        return None, problems
-    instance = cls(**values)
-    return instance, instance.problems() if hasattr(instance, "problems") else []
-
-
-def _unknown(raw: dict, valid: list[str], prefix: str) -> list[str]:
-    found = []
-    for key in raw:
-        if key not in valid:
-            near = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" Did you mean '{prefix}{near[0]}'?" if near else f" Valid keys: {', '.join(valid)}."
-            found.append(f"{prefix}{key}: unknown key.{hint}")
-    return found
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if origin is Literal:
-        return any(value == option and type(value) is type(option) for option in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _nearest(value: Any, tp: Any) -> str:
-    literals = [arg for arg in (*typing.get_args(tp), tp) if typing.get_origin(arg) is Literal]
-    options = [option for literal in literals for option in typing.get_args(literal)]
-    near = difflib.get_close_matches(value, [str(o) for o in options], n=1) if isinstance(value, str) else []
-    return f" Did you mean '{near[0]}'?" if near else ""
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
-    if origin is Literal:
-        return " or ".join(repr(option) for option in typing.get_args(tp))
-    if origin is list:
-        return f"a list of ({_describe(typing.get_args(tp)[0])})"
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _check_rules(value: Any, checks: typing.Mapping[str, Any]) -> list[str]:
-    if value is None or isinstance(value, str) and value == "auto":
-        return []
-    found = []
-    if "each_at_least" in checks and any(v < checks["each_at_least"] for v in value):
-        found.append(f"every value must be at least {checks['each_at_least']} (got {value}).")
-    if checks.get("non_empty") and len(value) == 0:
-        found.append("must not be empty. Give at least one value.")
-    if "at_least" in checks and value < checks["at_least"]:
-        found.append(f"must be at least {checks['at_least']} (got {value}).")
-    if "above" in checks and value <= checks["above"]:
-        found.append(f"must be greater than {checks['above']} (got {value}).")
-    if "at_most" in checks and value > checks["at_most"]:
-        found.append(f"must be at most {checks['at_most']} (got {value}).")
-    step = checks.get("multiple_of")
-    if step and value % step:
-        low, high = value // step * step, (value // step + 1) * step
-        found.append(f"must be a multiple of {step} (latent ×8, patch ×2) (got {value}). "
-                     f"Use {low or high} or {high}.")
-    return found
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"a {type(value).__name__}"

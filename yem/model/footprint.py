@@ -1,0 +1,232 @@
+"""Will it fit? The memory each stage needs, estimated before any weights load, against the budget.
+
+The model's shape comes from yem.model.architecture (no weights are read). The stages, as yem runs them (s = bytes
+per element of the chosen dtype):
+
+  encode   the largest text encoder, alone in memory: T5-XXL's 4.76 B params are 9.5 GB in fp16 (19 GB in fp32,
+           which is what a CPU uses), plus 24 s per token × width for one chunk of 8 prompts
+  latents  the VAE in fp32 + its encoder's activations at the training resolution
+  train    the transformer at s + LoRA params, grads and AdamW state (16 B per param, all fp32) + the cached latents
+           and embeddings + the activations kept for the backward pass (the formula below)
+  render   the transformer and the VAE at s + the larger of one transformer call (batch 2: classifier-free
+           guidance) and one VAE decode
+
+Activation formula. With W = heads × head_dim, image tokens I = (resolution / 8 / patch)², text tokens
+X = 77 CLIP + encode.max_sequence_length T5 (zeros without T5, but still there), T = I + X, B = batch, L = layers;
+counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
+
+  kept per block        (6.1 s + 6.1·4) i      activations autograd keeps for the image stream; the fp32 part is
+                        + 8.5 s x              peft's LoRA path (the LoRA targets sit on the image stream only)
+                        + 3.0·4 u if qk_norm   (RMSNorm computes in fp32)
+                        + (1.4 s + 2.8·4) i    for an MMDiT-X block's second attention (SD3.5-medium: 13 blocks)
+  backward working set  8.3 s u                gradients in flight for one block
+  checkpointing         keeps 1.3 s u per block (its inputs) and recomputes one block at a time in backward
+  attention scores      where attention runs as torch's math composite (MPS), every block keeps its (T × T)
+                        probabilities in fp32 whatever the dtype, B × heads × T² × 4 bytes, and backward needs
+                        2.9 × that for one block; flash/efficient kernels (CUDA, CPU) keep O(T) instead
+  render, per call      14 s u for the batch of 2, + 2.3 × one block's scores on MPS
+  VAE                   encode and decode 6 fp32 elements per pixel × its first block's width (128 in SD3), or
+                        twice the mid-block's (resolution/8)⁴ fp32 attention scores on MPS if larger
+
+Where the constants come from: the per-block, backward and render ones were measured on the CPU (torch 2.13,
+diffusers 0.42, peft LoRA on attn.to_q/k/v/out.0, fp32 and bf16) by counting the bytes of every live tensor with
+a TorchDispatchMode (and the kept ones with saved_tensors_hooks) in forward + backward of SD3Transformer2DModel
+with 4-8 blocks, width 256-512, 1024 image and 16-300 text tokens; they were linear in L, I, X, W and B to within
+5 %. On an H100 (torch 2.11, bf16, the SD3-medium architecture with random weights, 512 and 1024 px, batch 1-4)
+the formula matched torch.cuda.max_memory_allocated within 1 % without checkpointing and was 16 % over with it.
+The score constants come from the same H100 runs with SDPA forced to the math backend (within 4 %); SimpleTuner's
+MPS measurement of one fp32 attention (H 24, 6144 tokens: 11.98 GiB = 1 kept + 2.55 transient score matrices)
+agrees within 10 %, but no SD3 step has been measured on a Mac. Render, VAE and T5 were measured on the same H100
+(SD3-medium, SD3's VAE and T5-XXL with random weights, 512 and 1024 px); the GPU needed more than the CPU's
+live-tensor count (12.3, 5.0 and 6.0 elements: cuBLAS/cuDNN workspaces, and diffusers' VAE upsamplers compute in
+fp32 for bf16 inputs), so the constants are the GPU's. tests/test_estimate.py re-measures a configuration the
+formula was not fitted on. These are tensor bytes: allocators hold more. On the CPU, glibc kept 2.2× the live
+activations in RSS (`ALLOCATOR_OVERHEAD`); the MPS and CUDA caches are covered by the budget's and the batch
+planner's margins.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from yem.model.architecture import Architecture
+from yem.params import Params, TrainParams
+
+CLIP_TOKENS = 77
+ENCODE_CHUNK = 8  # prompts per text-encoder call (yem.data.text.CHUNK)
+LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + AdamW's two moments
+# Share of SD3-medium's transformer parameters that int8 stores in one byte (the blocks' Linears): its bf16
+# weights measured 3.99 GiB, int8 2.12 GiB with the scales (benchmarks/RESULTS.md, CPU int8 section).
+INT8_QUANTIZED_SHARE = 0.94
+LATENT_CHANNELS, VAE_SCALE = 16, 8
+
+KEPT_IMAGE_AT_DTYPE, KEPT_IMAGE_FP32, KEPT_TEXT_AT_DTYPE = 6.1, 6.1, 8.5
+QK_NORM_FP32 = 3.0
+DUAL_AT_DTYPE, DUAL_FP32 = 1.4, 2.8
+BACKWARD_AT_DTYPE = 8.3
+CHECKPOINT_AT_DTYPE = 1.3
+SCORE_BYTES = 4  # the math composite keeps softmax probabilities in fp32, even for bf16/fp16 inputs
+SCORES_BACKWARD = 2.9
+RENDER_AT_DTYPE = 14.0
+RENDER_SCORES = 2.3
+ENCODER_AT_DTYPE = 24.0  # per token × width of the text encoder, one chunk
+VAE_ENCODE_PER_PIXEL = VAE_DECODE_PER_PIXEL = 6.0  # fp32 elements per pixel × the VAE's first width
+ALLOCATOR_OVERHEAD = {"cpu": 2.2, "mps": 1.0, "cuda": 1.0}  # applied to activations
+ENCODER_LABELS = {"clip_l": "CLIP-L", "clip_g": "CLIP-G", "t5": "T5-XXL"}
+KEEPS_SCORES = {"mps"}  # backends whose attention keeps the (T × T) softmax for backward (the math composite)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What the params ask of each stage, in the terms the estimate needs."""
+    backend: str
+    dtype_bytes: int  # of the base weights and activations (LoRA and the latents' VAE are always fp32)
+    resolution: int
+    render_resolution: int
+    batch_size: int
+    checkpointing: bool
+    rank: int
+    targets: int  # LoRA target modules per block
+    use_t5: bool
+    t5_tokens: int
+    quantized_base: bool = False  # train.quantize_base: int8
+    images: int = 30
+    prompts: int = 30
+
+    @property
+    def text_tokens(self) -> int:
+        return CLIP_TOKENS + self.t5_tokens
+
+
+def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30) -> Workload:
+    """The workload of a params.yaml; auto settings start at batch 1 without checkpointing (see `resolve_auto`)."""
+    train = params.train
+    return Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=params.data.resolution,
+                    render_resolution=params.render.resolution or params.data.resolution,
+                    batch_size=1 if train.batch_size == "auto" else train.batch_size,
+                    checkpointing=train.gradient_checkpointing is True, rank=train.rank, targets=len(train.targets),
+                    use_t5=params.encode.use_t5, t5_tokens=params.encode.max_sequence_length,
+                    quantized_base=train.quantize_base == "int8", images=images,
+                    prompts=images + len(params.prompts.validation) + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StageEstimate:
+    stage: str
+    parts: dict[str, int]  # what takes the memory -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def estimate(arch: Architecture, work: Workload) -> list[StageEstimate]:
+    return [encode_stage(arch, work), latents_stage(arch, work), train_stage(arch, work), render_stage(arch, work)]
+
+
+def encode_stage(arch: Architecture, work: Workload) -> StageEstimate:
+    """One text encoder at a time: the largest one decides."""
+    used = {k: v for k, v in arch.text_encoders.items() if k != "t5" or work.use_t5}
+    if not used:
+        return StageEstimate("encode", {})
+    name = max(used, key=lambda k: used[k][0])
+    params, width = used[name]
+    tokens = work.t5_tokens if name == "t5" else CLIP_TOKENS
+    activations = ENCODER_AT_DTYPE * ENCODE_CHUNK * tokens * width * work.dtype_bytes
+    return StageEstimate("encode", {f"{ENCODER_LABELS[name]} weights": params * work.dtype_bytes,
+                                    "activations": _allocated(activations, work)})
+
+
+def latents_stage(arch: Architecture, work: Workload) -> StageEstimate:
+    """The VAE encodes one image at a time, in fp32."""
+    pixels = work.resolution**2
+    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * pixels * 4, _vae_scores(work.resolution, work))
+    return StageEstimate("latents", {"VAE weights (fp32)": arch.vae_params * 4,
+                                     "activations": _allocated(activations, work)})
+
+
+def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
+    latent = (work.resolution // VAE_SCALE) ** 2 * LATENT_CHANNELS * 4
+    cached = work.images * 2 * latent + work.prompts * work.text_tokens * arch.joint_dim * 4  # means + stds, embeds
+    return StageEstimate("train", {"transformer weights": training_weights(arch, work),
+                                   "LoRA + AdamW": lora_params(arch, work) * LORA_BYTES_PER_PARAM,
+                                   "cached latents + embeddings": cached,
+                                   "activations": _allocated(train_activations(arch, work), work)})
+
+
+def training_peak(arch: Architecture, train: TrainParams, backend: str, dtype_bytes: int, resolution: int,
+                  text_tokens: int, images: int, prompts: int) -> Callable[[int, bool], int]:
+    """peak(batch, checkpointing): the estimated bytes of one training step of this run, in the form the batch
+    planner measures it (yem.training.batching.Measure). `text_tokens` is the cached embeddings' length (77 CLIP
+    + T5)."""
+    work = Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=resolution, render_resolution=resolution,
+                    batch_size=1, checkpointing=False, rank=train.rank, targets=len(train.targets), use_t5=True,
+                    t5_tokens=text_tokens - CLIP_TOKENS, quantized_base=train.quantize_base == "int8",
+                    images=images, prompts=prompts)
+    return lambda batch, checkpointing: train_stage(arch, replace(work, batch_size=batch,
+                                                                  checkpointing=checkpointing)).total
+
+
+def training_weights(arch: Architecture, work: Workload) -> float:
+    """The frozen base in training: int8 stores the blocks' Linear weights (most of the parameters) in one byte."""
+    if not work.quantized_base:
+        return arch.transformer_params * work.dtype_bytes
+    share = INT8_QUANTIZED_SHARE
+    return arch.transformer_params * (share * 1 + (1 - share) * work.dtype_bytes)
+
+
+def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
+    s, guided = work.dtype_bytes, replace(work, batch_size=2, resolution=work.render_resolution)
+    transformer_call = RENDER_AT_DTYPE * sum(_units(arch, guided)) * s + RENDER_SCORES * _scores(arch, guided)
+    decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * work.render_resolution**2 * 4,
+                 _vae_scores(work.render_resolution, work))
+    return StageEstimate("render", {"transformer + VAE weights": (arch.transformer_params + arch.vae_params) * s,
+                                    "LoRA": lora_params(arch, work) * 4,
+                                    "activations": _allocated(max(transformer_call, decode), work)})
+
+
+def train_activations(arch: Architecture, work: Workload) -> float:
+    """Bytes of activations at the peak of one training step (forward + backward), before allocator overhead."""
+    s, (image, text) = work.dtype_bytes, _units(arch, work)
+    units = image + text
+    per_block = (image * (KEPT_IMAGE_AT_DTYPE * s + KEPT_IMAGE_FP32 * 4) + text * KEPT_TEXT_AT_DTYPE * s
+                 + (units * QK_NORM_FP32 * 4 if arch.qk_norm else 0))
+    scores = _scores(arch, work, text=True)
+    dual_block = image * (DUAL_AT_DTYPE * s + DUAL_FP32 * 4) + _scores(arch, work, text=False)
+    backward = BACKWARD_AT_DTYPE * units * s + SCORES_BACKWARD * scores
+    if work.checkpointing:  # block inputs kept; one block recomputed with everything it keeps
+        recomputed = per_block + scores + (dual_block if arch.dual_attention_layers else 0.0)
+        return arch.layers * CHECKPOINT_AT_DTYPE * units * s + recomputed + backward
+    return arch.layers * (per_block + scores) + arch.dual_attention_layers * dual_block + backward
+
+
+def _units(arch: Architecture, work: Workload) -> tuple[int, int]:
+    """Elements of the image and the text hidden states: (B·I·W, B·X·W)."""
+    image_tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2
+    return work.batch_size * image_tokens * arch.width, work.batch_size * work.text_tokens * arch.width
+
+
+def _scores(arch: Architecture, work: Workload, text: bool = True) -> float:
+    """One attention's (T × T) probabilities, where the backend's attention keeps them; `text` False: the
+    image-only second attention of MMDiT-X blocks."""
+    if work.backend not in KEEPS_SCORES:
+        return 0.0
+    tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2 + (work.text_tokens if text else 0)
+    return work.batch_size * arch.heads * tokens**2 * SCORE_BYTES
+
+
+def _vae_scores(resolution: int, work: Workload) -> float:
+    """The VAE mid-block's single-head attention over (resolution / 8)² positions: scores and softmax."""
+    return 2 * (resolution // VAE_SCALE) ** 4 * SCORE_BYTES if work.backend in KEEPS_SCORES else 0.0
+
+
+def _allocated(tensor_bytes: float, work: Workload) -> int:
+    return int(tensor_bytes * ALLOCATOR_OVERHEAD.get(work.backend, 1.0))
+
+
+def lora_params(arch: Architecture, work: Workload) -> int:
+    """rank × (in + out) per target and block; attention projections are width → width (an FF target is
+    width → 4 width: this undercounts it, by a few MB at most)."""
+    return arch.layers * work.targets * work.rank * 2 * arch.width
+
+
+STAGES = {"encode": encode_stage, "latents": latents_stage, "train": train_stage, "render": render_stage}
