@@ -64,7 +64,10 @@ def load_adapter_state(transformer: torch.nn.Module, state: dict[str, torch.Tens
 
 
 def adapter_config(transformer: torch.nn.Module) -> dict:
-    return transformer.peft_config["default"].to_dict()
+    """The peft LoraConfig as a dict; its target modules sorted (peft keeps a set, whose order changes from one
+    process to the next), so the same training writes a byte-identical file."""
+    config = transformer.peft_config["default"].to_dict()
+    return {**config, "target_modules": sorted(config["target_modules"])}
 
 
 def save(transformer: torch.nn.Module, path: Path, provenance: dict[str, str]) -> Path:
