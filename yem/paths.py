@@ -4,6 +4,7 @@ The one definition of each artefact's path: dvc.yaml passes these to the stages 
 (tests/test_dvc_contract.py checks that the two agree), and yem's own commands find results through them.
 """
 
+import os
 from pathlib import Path
 
 PREFLIGHT = Path("build/preflight.json")  # the stable hardware record (yem.hardware.record.Hardware)
@@ -21,3 +22,9 @@ CHECKPOINTS = Path(".yem/checkpoints")  # resumable training state, outside DVC'
 
 ARTEFACTS = (PREFLIGHT, IMAGES, CAPTIONS, EMBEDS, LATENTS, LORA, VALIDATION, TRAIN_METRICS, TRAIN_STEPS, DIST,
              PREFLIGHT_LOG)
+
+
+def yem_home() -> Path:
+    """Per-user files every project on this machine shares (the tiny model, per-machine measurements):
+    $YEM_HOME, by default ~/.cache/yem."""
+    return Path(os.environ.get("YEM_HOME", Path.home() / ".cache" / "yem"))
