@@ -21,7 +21,7 @@ from yem.hardware import device, fallbacks, memory, out_of_memory, peaks, power
 from yem.hardware.record import Hardware
 from yem.model import lora, lora_file
 from yem.params import ModelParams, ThermalParams, TrainParams
-from yem.training import autobatch, batching, checkpoint, setup
+from yem.training import autobatch, batching, checkpoint, scaling, setup
 from yem.training.metrics import TrainResult
 from yem.training.objective import batch_loss, heldout_loss
 from yem.training.state import Run, agreed, respect_heat, resume_or_start, roll_back, save_checkpoint
@@ -90,8 +90,10 @@ def train_window(run: Run, stop: StopRequest, bar) -> tuple:
     log.rows += log_rows(start, values, lrs, seconds, run.accelerator.device.type, reading.state.value)
     log.step = start + len(values)
     log.nonfinite_steps += int(run.bad_in_window)
+    log.scaler_skipped_steps += int(run.overflow_in_window)
     log.bad_streak = int(run.bad_streak)
     run.bad_in_window.zero_()
+    run.overflow_in_window.zero_()
     bar.update(len(values))
     budget = f"/{memory.gib(run.budget)}" if run.budget else ""
     bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}",
@@ -103,7 +105,8 @@ def train_window(run: Run, stop: StopRequest, bar) -> tuple:
 def update(run: Run, step: int) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches; returns the step's loss, left on the device.
 
-    A non-finite loss or gradient skips the update (parameters and Adam state untouched) and is counted.
+    A non-finite loss or gradient skips the update (parameters and Adam state untouched) and is counted; in
+    fp16 the loss is scaled (yem.training.scaling), and an overflow of the scale is skipped and counted apart.
     """
     settings, accelerator, plan = run.settings, run.accelerator, run.plan
     if run.graphs:
@@ -117,19 +120,23 @@ def update(run: Run, step: int) -> torch.Tensor:
         syncing = nullcontext() if micro == plan.accumulation - 1 else accelerator.no_sync(run.model)
         with syncing, device.autocast(accelerator.device.type, run.dtype):
             loss = batch_loss(run.model, batch, run.sigma_table, settings, run.dtype, plan.batch_size)
-            accelerator.backward(loss / plan.accumulation)
+            accelerator.backward(run.scaler.scale(loss / plan.accumulation))
         total += loss.detach() / plan.accumulation
+    run.scaler.unscale_(run.optimizer)  # the LoRA's gradients at their true size, before clipping
     norm = accelerator.clip_grad_norm_(run.params, settings.max_grad_norm or math.inf)
-    bad = ~(torch.isfinite(norm) & torch.isfinite(total))  # () bool, stays on the device
+    bad, overflow = scaling.verdict(run.scaler, total, norm)  # () bools, left on the device
+    skip = bad | overflow
     if run.skips_on_device:
-        run.optimizer.found_inf = bad.float()  # read by fused AdamW: skips params, moments and step count
+        run.optimizer.found_inf = skip.float()  # read by fused AdamW: skips params, moments and step count
         run.optimizer.step()
-    elif not bad.item():
+    elif not skip.item():
         run.optimizer.step()
+    run.scaler.update()  # halves the scale after an overflow, doubles it after a long clean stretch
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.bad_in_window += bad
-    run.bad_streak.mul_(bad).add_(bad)  # +1 on a bad step, back to 0 on a good one
+    run.overflow_in_window += overflow
+    run.bad_streak.mul_(skip).add_(bad)  # +1 on a bad step, kept on an overflow, back to 0 on a good one
     return total
 
 
@@ -189,6 +196,8 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
     facts = {"backend": backend, "dtype": log.dtype, "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log.nonfinite_steps, "rollbacks": len(log.rollbacks),
+             "loss_scale_skipped_steps": log.scaler_skipped_steps,
+             "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
              "learning_rate_scale": log.lr_scale, "os": device.os_name(),
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
