@@ -18,10 +18,12 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_STEPS = Path("metrics/train_steps.tsv")
 DIST = Path("dist")  # what people share: LoRA files, images, model card
 PREFLIGHT_LOG = Path("logs/preflight.json")  # volatile readings; no stage depends on it
+# What each torch stage ran on the CPU in place of MPS, with the time it took (volatile too)
+ENCODE_LOG, LATENTS_LOG, RENDER_LOG = Path("logs/encode.json"), Path("logs/latents.json"), Path("logs/render.json")
 CHECKPOINTS = Path(".yem/checkpoints")  # resumable training state, outside DVC's outputs on purpose
 
 ARTEFACTS = (PREFLIGHT, IMAGES, CAPTIONS, EMBEDS, LATENTS, LORA, VALIDATION, TRAIN_METRICS, TRAIN_STEPS, DIST,
-             PREFLIGHT_LOG)
+             PREFLIGHT_LOG, ENCODE_LOG, LATENTS_LOG, RENDER_LOG)
 
 
 def yem_home() -> Path:

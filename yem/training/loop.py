@@ -37,39 +37,47 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: Hardware, 
     The loop runs in windows of up to LOG_EVERY steps queued on the device without waiting for it; at the end
     of a window it reads the losses back (the only wait), then rolls back, checkpoints or stops as needed.
     """
-    started, startup = time.perf_counter(), setup.Startup()
-    startup.mark("imports")
-    run = setup.prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
-                        heat or ThermalParams(policy="pause", max_pause_s=600), startup)
-    resume_or_start(run)
-    resumed_from = run.log.step
-    startup.mark("first_step")
-    peaks.reset_peak(hardware.backend)
-    for warning in filter(None, [power.battery_warning()]):
-        progress.note(warning)
-    with stop_requests() as stop, fallbacks.cpu_fallbacks() as fell_back, power.keep_awake(), \
-            progress.bar(settings.steps, "train", "step") as bar:
-        bar.update(run.log.step)
-        while run.log.step < settings.steps:
-            reading, seconds = train_window(run, stop, bar)
-            startup.mark("first_window")  # compiling included
-            stop.signal = agreed(run, stop.signal)  # every process stops at the same step
-            if run.log.bad_streak >= settings.max_bad_steps:
-                roll_back(run)
-                bar.reset(settings.steps)
-                bar.update(run.log.step)
-                continue
-            if run.log.step == settings.steps:
-                break
-            respect_heat(run, reading, seconds)
-            if run.log.step % settings.checkpoint_every == 0 or stop:
-                save_checkpoint(run)
-            if stop:
-                raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
-                                      f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
-                                      f"command) to resume.")
-    result = finish(run, out_dir, hardware, latents_dir, resumed_from, started, startup, fell_back)
+    with fallbacks.watching(hardware.backend) as watch:  # from before the model loads: every op MPS lacks
+        started, startup = time.perf_counter(), setup.Startup()
+        startup.mark("imports")
+        run = setup.prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
+                            heat or ThermalParams(policy="pause", max_pause_s=600), startup)
+        resume_or_start(run)
+        resumed_from = run.log.step
+        startup.mark("first_step")
+        peaks.reset_peak(hardware.backend)
+        for warning in filter(None, [power.battery_warning()]):
+            progress.note(warning)
+        with stop_requests() as stop, power.keep_awake(), progress.bar(settings.steps, "train", "step") as bar:
+            train_to_the_end(run, stop, bar, startup)
+        result = finish(run, out_dir, hardware, latents_dir, resumed_from, started, startup, watch.report())
     return result if run.accelerator.is_main_process else None
+
+
+def train_to_the_end(run: Run, stop: StopRequest, bar, startup: setup.Startup) -> None:
+    """Window after window up to the last step, rolling back, cooling down, checkpointing or stopping as needed."""
+    settings, first = run.settings, run.log.step
+    bar.update(run.log.step)
+    while run.log.step < settings.steps:
+        # what MPS runs on the CPU, timed in one window: not the first, which warms up (compiles, fills caches)
+        with fallbacks.sample("train") if run.log.step > first else nullcontext():
+            reading, seconds = train_window(run, stop, bar)
+        startup.mark("first_window")  # compiling included
+        stop.signal = agreed(run, stop.signal)  # every process stops at the same step
+        if run.log.bad_streak >= settings.max_bad_steps:
+            roll_back(run)
+            bar.reset(settings.steps)
+            bar.update(run.log.step)
+            continue
+        if run.log.step == settings.steps:
+            break
+        respect_heat(run, reading, seconds)
+        if run.log.step % settings.checkpoint_every == 0 or stop:
+            save_checkpoint(run)
+        if stop:
+            raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
+                                  f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
+                                  f"command) to resume.")
 
 
 def train_window(run: Run, stop: StopRequest, bar) -> tuple:
@@ -176,7 +184,7 @@ def watch_swap(run: Run) -> str:
 
 
 def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resumed_from: int, started: float,
-           startup: setup.Startup, fell_back: list[str]) -> TrainResult:
+           startup: setup.Startup, fell_back: fallbacks.FallbackReport) -> TrainResult:
     """Measure, write the final adapter (with the intermediate ones) to `out_dir`, drop the checkpoints."""
     backend, settings, log = hardware.backend, run.settings, run.log
     # Before training the adapter is the identity (B = 0), so the base model alone gives the "before" value.
@@ -197,12 +205,14 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log.nonfinite_steps, "rollbacks": len(log.rollbacks),
              "loss_scale_skipped_steps": log.scaler_skipped_steps,
-             "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,
+             "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,  # fp16 only
              "learning_rate_scale": log.lr_scale, "os": device.os_name(),
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
              "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs),
-             "cpu_fallback_ops": ", ".join(fell_back) or "none"}  # MPS ops that ran on the CPU (should be none)
+             # MPS ops that ran on the CPU (should be none), and their share of the sampled window's time
+             "cpu_fallback_ops": fell_back.summary(), "cpu_fallback_share": fell_back.share}
+    facts = {k: v for k, v in facts.items() if v is not None}  # DVC's metrics leave out nulls: so does the file
     return TrainResult(steps=settings.steps, rows=log.rows, heldout_before=before,
                        heldout_after=after, batch_size=run.plan.batch_size,
                        gradient_accumulation=run.plan.accumulation,
