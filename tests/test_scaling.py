@@ -60,14 +60,14 @@ def test_an_overflow_is_told_apart_from_a_non_finite_step():
 
 
 def test_fp16_training_skips_overflows_apart_and_resumes_with_its_scale(cached_project, monkeypatch, tmp_path):
-    """A scale that starts too high (2^24) overflows in the first steps: those are skipped, halving it, and
+    """A scale that starts too high (2^26) overflows in the first steps: those are skipped, halving it, and
     counted apart from non-finite steps. A run interrupted after them resumes with the halved scale and ends with
-    exactly the weights and losses of an uninterrupted run (restarting at 2^24 would skip two more steps)."""
+    exactly the weights and losses of an uninterrupted run (restarting at 2^26 would skip those steps again)."""
     import yem.training.loop
 
     root, params, hardware = cached_project
     fp16 = dataclasses.replace(hardware, dtype="float16")
-    monkeypatch.setattr(scaling, "INITIAL_SCALE", 2.0**24)
+    monkeypatch.setattr(scaling, "INITIAL_SCALE", 2.0**26)
     monkeypatch.setenv("YEM_CHECKPOINTS", str(tmp_path))
 
     def train(out: str):
@@ -78,7 +78,7 @@ def test_fp16_training_skips_overflows_apart_and_resumes_with_its_scale(cached_p
     metrics = reference.metrics()
     assert metrics["dtype"] == "float16" and metrics["loss_scale_skipped_steps"] >= 1
     assert metrics["nonfinite_steps"] == 0 and metrics["rollbacks"] == 0
-    assert metrics["loss_scale"] < 2.0**24
+    assert metrics["loss_scale"] < 2.0**26
 
     original = yem.training.loop.update
 
