@@ -16,10 +16,10 @@ LIBOBJC = "/usr/lib/libobjc.A.dylib"
 LIBSYSTEM = "/usr/lib/libSystem.B.dylib"
 # kOSThermalNotificationPressureLevelName (libkern/OSThermalNotification.h); private, but stable since macOS 10.10
 PRESSURE_KEY = b"com.apple.system.thermalpressurelevel"
-# The key's macOS values (iOS uses another scale), and the state each counts as for the governor
-PRESSURE_LEVELS = {0: ("nominal", ThermalState.NOMINAL), 1: ("moderate", ThermalState.FAIR),
-                   2: ("heavy", ThermalState.SERIOUS), 3: ("trapping", ThermalState.CRITICAL),
-                   4: ("sleeping", ThermalState.CRITICAL)}
+# The key's macOS values (iOS uses another scale): the state each counts as for the governor, and its name
+PRESSURE_LEVELS = {0: (ThermalState.NOMINAL, "nominal"), 1: (ThermalState.FAIR, "moderate"),
+                   2: (ThermalState.SERIOUS, "heavy"), 3: (ThermalState.CRITICAL, "trapping"),
+                   4: (ThermalState.CRITICAL, "sleeping")}
 NOTIFY_STATUS_OK = 0
 
 
@@ -70,34 +70,27 @@ def notify_pressure_level() -> Callable[[], int]:
 
 class MacSensor:
     """macOS's thermal state and thermal pressure level, the worse of the two. `query` and `pressure` return the
-    raw values (injected by tests)."""
+    raw values (injected by tests); by default each is made on the first read, loading its library then."""
 
     def __init__(self, query: Callable[[], int] | None = None, pressure: Callable[[], int] | None = None):
-        self._query, self._pressure = query, pressure
+        self._readers = {"thermal state": query, "pressure": pressure}
+        self._makers = {"thermal state": objc_thermal_state, "pressure": notify_pressure_level}
 
     def read(self) -> Reading:
-        state, said = self._thermal_state()
-        level, heard = self._pressure_level()
+        state, said = self._signal("thermal state", lambda v: (mac_state(v), mac_state(v).label))
+        level, heard = self._signal("pressure", lambda v: PRESSURE_LEVELS.get(v, (ThermalState.UNKNOWN, "unknown")))
         worse = max(state, level)
         if worse is ThermalState.UNKNOWN:
             return Reading(worse, "macos", f"thermalState and pressure unreadable ({said}; {heard})")
         return Reading(worse, "macos", f"macOS thermal state {said}, pressure {heard}")
 
-    def _thermal_state(self) -> tuple[ThermalState, str]:
+    def _signal(self, name: str, meaning: Callable[[int], tuple[ThermalState, str]]) -> tuple[ThermalState, str]:
+        """One signal's state and its words ("heavy (2)", or why it could not be read)."""
         try:
-            if self._query is None:
-                self._query = objc_thermal_state()
-            value = int(self._query())
+            if self._readers[name] is None:
+                self._readers[name] = self._makers[name]()
+            value = int(self._readers[name]())
         except (OSError, AttributeError, ValueError) as e:
             return ThermalState.UNKNOWN, f"unreadable: {e}"
-        return mac_state(value), f"{mac_state(value).label} ({value})"
-
-    def _pressure_level(self) -> tuple[ThermalState, str]:
-        try:
-            if self._pressure is None:
-                self._pressure = notify_pressure_level()
-            value = int(self._pressure())
-        except (OSError, AttributeError, ValueError) as e:
-            return ThermalState.UNKNOWN, f"unreadable: {e}"
-        name, state = PRESSURE_LEVELS.get(value, ("unknown", ThermalState.UNKNOWN))
-        return state, f"{name} ({value})"
+        state, words = meaning(value)
+        return state, f"{words} ({value})"
