@@ -20,6 +20,8 @@ PathOption = click.Path(path_type=Path)
 # The options every stage that reads params.yaml or runs torch shares; the paths come from dvc.yaml's commands.
 params_option = click.option("--params", "params_path", type=PathOption, default="params.yaml", show_default=True)
 hardware_option = click.option("--hardware", type=PathOption, required=True, help="the hardware record (preflight)")
+log_option = click.option("--log", type=PathOption, required=True,
+                          help="what ran on the CPU in place of MPS (JSON); volatile, no stage depends on it")
 
 
 @contextmanager

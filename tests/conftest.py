@@ -23,6 +23,11 @@ from yem.hardware.environment import configure_environment  # noqa: E402  (befor
 configure_environment()
 
 
+# How far two computations meant to agree may drift, by compute dtype: in fp32 only the order of sums differs; half
+# precision rounds every op's result (bf16 keeps 8 significant bits, fp16 11), and another kernel rounds otherwise.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 3e-2}
+
+
 def cpu_hardware():
     """A hardware record for the CPU in fp32, as preflight writes it on a machine without a GPU."""
     from importlib import metadata

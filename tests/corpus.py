@@ -141,6 +141,7 @@ def latents_cached(project_dir: Path) -> tuple[Path, list[str], dict[str, bytes]
     project = small_project(project_dir)
     assert preflight_in_process(project).exit_code == 0
     args = ["--params", str(project / "params.yaml"), "--hardware", str(project / "build/preflight.json"),
-            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents")]
+            "--images", str(project / "build/images.json"), "--out", str(project / "build/latents"), "--log",
+            str(project / "logs/latents.json")]
     assert CliRunner().invoke(main, args).exit_code == 0
     return project, args, snapshot(project / "build")

@@ -143,11 +143,14 @@ def test_card_body_shows_images_that_exist_usage_and_training(dist):
 def test_card_renders_thermal_and_machine_facts_when_training_recorded_them(run, params, tmp_path):
     root, _ = run
     recorded = results(root, thermal_pauses=2, thermal_throttled_min=3.5, thermal_paused_min=1.25,
-                       memory_total_gib=64.0, os="macOS 15.1")
+                       memory_total_gib=64.0, os="macOS 15.1", loss_scale=16384.0, loss_scale_skipped_steps=3,
+                       cpu_fallback_ops="aten::col2im 0.12 s; 2.5% of 4.8 s sampled")
     text = write_card(params.model, params.train, params.export, recorded, tmp_path).text
     for row in ("| thermal pauses | 2 |", "| throttled | 3.5 min |", "| paused for heat | 1.25 min |",
-                "| memory | 64 GiB |",
-                "| operating system | macOS 15.1 |"):
+                "| memory | 64 GiB |", "| operating system | macOS 15.1 |",
+                "| fp16 loss scale | 16384 (3 overflowing steps skipped) |",
+                "| CPU fallbacks in training | aten::col2im 0.12 s; 2.5% of 4.8 s sampled |",
+                "| CPU fallbacks in rendering | none |"):  # the render index of this test lists none
         assert row in text, row
 
 

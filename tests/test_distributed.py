@@ -109,7 +109,7 @@ def render_stage(root, name: str, devices: int, lora: str) -> dict:
     params = params_file(root, name, {"render.devices": devices, "render.steps": 2, "render.seeds": [0, 1]})
     command = [sys.executable, "-m", "stages.render", "--params", str(params), "--hardware",
                str(root / "hardware.json"), "--embeds", str(root / "embeds"), "--lora", str(root / lora),
-               "--out", str(root / name)]
+               "--out", str(root / name), "--log", str(root / f"{name}-log.json")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((root / name / "index.json").read_text())

@@ -68,12 +68,16 @@ def test_machine_labels():
 
 
 def test_doctor_runs_for_real_on_this_machine(tiny_model_dir):
+    from yem.hardware import device, precision
+
+    backend = device.pick_backend("auto")  # what yem chooses here: cpu on CI, mps on a Mac, cuda on a GPU
     result = CliRunner().invoke(main, ["doctor", "--params", "params.yaml"])
     assert result.exit_code == 0, result.output
-    assert "backend      cpu" in result.output and "budget" in result.output
+    assert f"backend      {backend}" in result.output and "budget" in result.output
     for stage in ("encode", "latents", "train", "render"):
         assert any(line.split()[:1] == [stage] and " fits " in line for line in result.output.splitlines()), stage
-    assert "the CPU trains in fp32" in result.output
+    assert f"-> {precision.pick_dtype(backend, 'auto')}" in result.output
+    assert ("the CPU trains in fp32" in result.output) == (backend == "cpu")
 
 
 def test_doctor_without_params_reports_the_hardware(tmp_path):

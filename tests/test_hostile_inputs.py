@@ -403,7 +403,8 @@ def test_a_caption_longer_than_the_token_limit_is_truncated_with_a_warning_namin
 
     result = CliRunner().invoke(main, ["--params", str(project / "params.yaml"), "--hardware",
                                        str(project / "build/preflight.json"), "--captions",
-                                       str(project / "build/captions.json"), "--out", str(project / "build/embeds")])
+                                       str(project / "build/captions.json"), "--out", str(project / "build/embeds"),
+                                       "--log", str(project / "logs/encode.json")])
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2

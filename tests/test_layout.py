@@ -2,6 +2,7 @@
 build artefact's path defined once, in yem.paths."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ TOP_LEVEL = 10
 def literals(path: Path) -> list[str]:
     return [node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
             and isinstance(node.value, str)]
+
+
+# Every module of yem and the stages, by import name (a package by its own name; `python -m yem` left out: it runs)
+IMPORTABLE = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                    for p in [*MODULES, *(REPO / "stages").glob("*.py")] if p.name != "__main__.py")
+
+
+@pytest.mark.parametrize("module", IMPORTABLE)
+def test_every_module_imports(module):
+    """The first thing the floors run checks (.ci/run): with the lowest versions of the dependencies, every name
+    yem takes from them still exists."""
+    importlib.import_module(module)
 
 
 def test_modules_stay_small_and_the_top_level_holds_only_what_every_stage_shares():

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx2
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,6 +16,11 @@ from tests.corpus import latents_cached, snapshot
 from yem.errors import ModelError
 from yem.model import sd3
 from yem.params import ModelParams, set_values
+
+try:  # the HTTP client huggingface_hub raises with: httpx2 from hub 2.0, httpx before
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 
 SD3 = "stabilityai/stable-diffusion-3-medium-diffusers"
 LOADERS = {
@@ -88,7 +92,7 @@ def test_an_incomplete_or_corrupt_pipeline_folder_names_the_part(tiny_copy):
 
 
 def hub_refusal(kind: type, status: int, message: str):
-    response = httpx2.Response(status, request=httpx2.Request("GET", f"https://huggingface.co/{SD3}/resolve/main/x"))
+    response = httpx.Response(status, request=httpx.Request("GET", f"https://huggingface.co/{SD3}/resolve/main/x"))
     return kind(message, response=response)
 
 

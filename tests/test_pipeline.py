@@ -38,9 +38,17 @@ def project(tmp_path_factory, tiny_model_dir):
     return folder
 
 
+def this_machine() -> tuple[str, str]:
+    """The backend and precision preflight chooses here: cpu/float32 on CI, mps or cuda in half precision."""
+    from yem.hardware import device, precision
+
+    backend = device.pick_backend("auto")
+    return backend, precision.pick_dtype(backend, "auto")
+
+
 def test_one_liner_produces_every_artefact(project):
     hardware = json.loads((project / "build/preflight.json").read_text())
-    assert hardware["backend"] == "cpu" and hardware["dtype"] == "float32"
+    assert (hardware["backend"], hardware["dtype"]) == this_machine()
     assert len(json.loads((project / "build/latents/index.json").read_text())["samples"]) == 6
     assert (project / "build/lora/pytorch_lora_weights.safetensors").stat().st_size > 0
     metrics = json.loads((project / "metrics/train.json").read_text())
@@ -59,6 +67,10 @@ def test_one_liner_produces_every_artefact(project):
     shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project).stdout)
     (workspace,) = shown.values()  # keyed "" or "workspace" depending on the DVC version
     assert workspace["data"]["metrics/train.json"]["data"] == metrics
+    assert metrics["backend"] == hardware["backend"] and metrics["nonfinite_steps"] == 0
+    for stage in ("encode", "latents", "render"):  # what ran on the CPU in place of MPS: nothing, here
+        assert json.loads((project / f"logs/{stage}.json").read_text())["cpu_fallback_ops"] == [], stage
+    assert "| CPU fallbacks in training | none |" in ModelCard.load(project / "dist/README.md").text
 
 
 def test_second_repro_runs_nothing_but_the_probe(project):

@@ -107,7 +107,10 @@ def test_keep_awake_elsewhere_spawns_nothing():
 
 
 def test_keep_awake_without_caffeinate_still_trains():
-    with power.keep_awake("darwin") as held:  # the real Popen: no caffeinate on this Linux machine
+    def no_caffeinate(argv, **kwargs):  # what Popen does when the program is not there
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+
+    with power.keep_awake("darwin", spawn=no_caffeinate) as held:
         assert held is False
 
 

@@ -193,7 +193,7 @@ def test_signal_to_the_train_stage_exits_cleanly_and_the_rerun_completes(cached_
 def test_damaged_checkpoints_are_skipped_for_the_previous_good_one(tmp_path):
     def state(step: int) -> checkpoint.TrainingState:
         return checkpoint.TrainingState(step=step, adapter={"w": torch.full((3,), float(step))}, optimizer={},
-                                        scheduler={}, log=RunLog(dtype="float32", step=step),
+                                        scheduler={}, scaler={}, log=RunLog(dtype="float32", step=step),
                                         rng=checkpoint.capture_rng())
 
     for step in (2, 4, 6, 8):
@@ -211,7 +211,7 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_good_one(tmp_path):
 
 def test_checkpoints_keep_only_the_newest(tmp_path):
     for step in range(1, 6):
-        state = checkpoint.TrainingState(step, {"w": torch.zeros(1)}, {}, {}, RunLog(dtype="float32"), {})
+        state = checkpoint.TrainingState(step, {"w": torch.zeros(1)}, {}, {}, {}, RunLog(dtype="float32"), {})
         checkpoint.save(tmp_path, state, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
 

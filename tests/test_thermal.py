@@ -67,13 +67,38 @@ def test_mac_state_maps_the_nsprocessinfo_enum():
 
 def test_mac_sensor_replays_a_warming_and_cooling_sequence():
     values = iter([0, 1, 2, 1, 0])
-    sensor = MacSensor(query=lambda: next(values))
+    sensor = MacSensor(query=lambda: next(values), pressure=lambda: 0)
     states = [sensor.read().state for _ in range(5)]
     assert states == [S.NOMINAL, S.FAIR, S.SERIOUS, S.FAIR, S.NOMINAL]
 
 
-def test_mac_sensor_off_macos_reads_unknown_instead_of_raising():
-    got = MacSensor().read()  # Linux: loading Foundation fails with OSError
+def test_heavy_pressure_under_a_fair_thermal_state_counts_as_serious():
+    """thermalState reads fair through both moderate and heavy pressure (MacThrottle's observation, notes/apple.md
+    §4): the pressure level tells them apart, and heavy is where the governor must pause."""
+    thermal, pressure = iter([0, 1, 1, 1, 2, 0]), iter([0, 1, 2, 1, 3, 0])
+    sensor = MacSensor(query=lambda: next(thermal), pressure=lambda: next(pressure))
+    got = [sensor.read() for _ in range(6)]
+    assert [r.state for r in got] == [S.NOMINAL, S.FAIR, S.SERIOUS, S.FAIR, S.CRITICAL, S.NOMINAL]
+    assert got[2].detail == "macOS thermal state fair (1), pressure heavy (2)"
+    governor = Governor("pause", max_pause_s=600, clock=FakeClock(), watch_speed=False)
+    assert governor.observe(got[1], None) is Action.CONTINUE and governor.observe(got[2], None) is Action.PAUSE
+
+
+def test_mac_sensor_goes_on_with_the_signal_it_can_read():
+    def fails():
+        raise OSError("dlopen(/usr/lib/libSystem.B.dylib, 0x0006): tried: ... (no such file)")
+
+    only_pressure = MacSensor(query=fails, pressure=lambda: 2).read()
+    assert only_pressure.state is S.SERIOUS and "unreadable" in only_pressure.detail
+    assert MacSensor(query=lambda: 1, pressure=lambda: 9).read().state is S.FAIR  # an unknown level adds nothing
+
+
+def test_mac_sensor_without_the_macos_libraries_reads_unknown_instead_of_raising(monkeypatch):
+    def no_library(path):
+        raise OSError(f"{path}: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(macos.ctypes, "CDLL", no_library)  # what loading them does off macOS
+    got = MacSensor().read()
     assert got.state is S.UNKNOWN and got.source == "macos" and "unreadable" in got.detail
 
 
@@ -104,9 +129,36 @@ def test_objc_calls_use_one_typed_function_per_prototype(monkeypatch):
     assert FakeObjc.objc_getClass.restype is ctypes.c_void_p
 
 
-def test_importing_and_detecting_never_loads_libobjc():
+def test_pressure_level_registers_once_and_reads_through_libsystem(monkeypatch):
+    """The real ctypes path against a fake libSystem whose notify functions are C callbacks: the key goes in as
+    bytes, the token comes back through the pointer and is reused for every read."""
+    levels, seen = iter([0, 2]), []
+
+    @ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int))
+    def register_check(name, token):
+        seen.append(name)
+        token[0] = 41
+        return 0
+
+    @ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64))
+    def get_state(token, state):
+        seen.append(token)
+        state[0] = next(levels)
+        return 0
+
+    class FakeSystem:
+        notify_register_check, notify_get_state = register_check, get_state
+
+    loaded = []
+    monkeypatch.setattr(macos.ctypes, "CDLL", lambda path: loaded.append(path) or FakeSystem())
+    read = macos.notify_pressure_level()
+    assert (read(), read()) == (0, 2)
+    assert loaded == [macos.LIBSYSTEM] and seen == [b"com.apple.system.thermalpressurelevel", 41, 41]
+
+
+def test_importing_and_detecting_never_loads_libobjc_or_libsystem():
     code = ("import ctypes\n"
-            "def refuse(*a, **k): raise AssertionError('libobjc loaded at import')\n"
+            "def refuse(*a, **k): raise AssertionError('a macOS library loaded at import')\n"
             "ctypes.CDLL = refuse\n"
             "from yem.hardware.thermal import macos, sensor\n"
             "assert isinstance(sensor.detect('mps', platform='darwin'), macos.MacSensor)\n")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import RELATIVE_TOLERANCE, cpu_hardware
 from yem.model import lora_file
 from yem.training.loop import run_training
 
@@ -15,31 +16,35 @@ def project(cached_project):
     return cached_project
 
 
-def train(project, out_name: str, **changes):
-    root, params, hardware = project
+def train(project, out_name: str, hardware=None, **changes):
+    root, params, trained_on = project
     settings = dataclasses.replace(params.train, **changes)
-    return run_training(params.model, settings, hardware, root / "latents", root / "embeds", root / out_name, root)
+    return run_training(params.model, settings, hardware or trained_on, root / "latents", root / "embeds",
+                        root / out_name, root)
 
 
 def test_heldout_flow_loss_drops_after_training(project):
-    result = train(project, "lora-learn", steps=60, learning_rate=2e-3)
+    result = train(project, "lora-learn", steps=80, learning_rate=2e-3)
     assert result.heldout_after < 0.85 * result.heldout_before, (result.heldout_before, result.heldout_after)
     metrics = result.metrics()
-    assert metrics["steps"] == 60 and len(result.rows) == 60
+    assert metrics["steps"] == 80 and len(result.rows) == 80
     assert np.isfinite([row["loss"] for row in result.rows]).all()
     # "before" is measured after training with the adapter switched off: it must be the base model's own value
-    assert result.heldout_before == pytest.approx(base_model_heldout_loss(project), rel=1e-5)
+    fp32 = project[2].dtype == "float32"
+    assert result.heldout_before == pytest.approx(base_model_heldout_loss(project),
+                                                  rel=1e-5 if fp32 else RELATIVE_TOLERANCE[project[2].dtype])
 
 
 def base_model_heldout_loss(project) -> float:
+    """The held-out loss of the base model alone, on the device and in the precision training used."""
     from yem.data import trainset
     from yem.model import sd3
     from yem.training.objective import heldout_loss
 
     root, params, hardware = project
-    dtype = hardware.torch_dtype
-    data = trainset.load_training_set(root / "latents", root / "embeds", torch.device("cpu"))
-    return heldout_loss(sd3.load_transformer(params.model, dtype, "cpu"), data, dtype)
+    dtype, backend = hardware.torch_dtype, hardware.backend
+    data = trainset.load_training_set(root / "latents", root / "embeds", torch.device(backend))
+    return heldout_loss(sd3.load_transformer(params.model, dtype, backend), data, dtype)
 
 
 def test_saved_lora_loads_in_diffusers_changes_output_and_keeps_alpha(project, tiny_model_dir):
@@ -74,16 +79,20 @@ def render_change(model_dir, weights):
 
 def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(project):
     """train.compile with train.saved_activations < 1 (the partitioner recomputes part of the activations in
-    backward) runs the same step as eager: the same losses, step by step, and the same adapter."""
+    backward) runs the same step as eager: the same losses, step by step, and the same adapter, within what the
+    training precision rounds. On a Mac it runs on the CPU: yem never compiles for MPS unless asked, and
+    inductor's Metal backend is a prototype."""
     from safetensors.torch import load_file
 
-    eager = train(project, "lora-eager", steps=4, compile=False)
-    compiled = train(project, "lora-compiled", steps=4, compile=True, saved_activations=0.5)
-    assert [r["loss"] for r in compiled.rows] == pytest.approx([r["loss"] for r in eager.rows], rel=1e-4)
+    hardware = cpu_hardware() if project[2].backend == "mps" else project[2]
+    eager = train(project, "lora-eager", hardware, steps=4, compile=False)
+    compiled = train(project, "lora-compiled", hardware, steps=4, compile=True, saved_activations=0.5)
+    rel = RELATIVE_TOLERANCE[hardware.dtype]
+    assert [r["loss"] for r in compiled.rows] == pytest.approx([r["loss"] for r in eager.rows], rel=rel)
     root = project[0]
     a, b = (load_file(root / name / lora_file.WEIGHT_NAME) for name in ("lora-eager", "lora-compiled"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    for key in a:  # the adapter trains in fp32 whatever the base's precision: its updates carry the base's rounding
+        torch.testing.assert_close(b[key], a[key], rtol=10 * rel, atol=1e-5 if hardware.dtype == "float32" else 1e-3)
 
 
 def test_compile_auto_compiles_only_long_runs_on_cuda(project):

@@ -2,10 +2,12 @@
 self-hosted Apple Silicon runner, runs the README's test command and the pipeline forced onto MPS with a DVC cache
 outside the checkout, uploads the artefacts, and every shell and Python snippet in it parses."""
 
+import json
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 from ruamel.yaml import YAML
@@ -90,7 +92,46 @@ def test_runs_the_pipeline_on_mps_with_a_persistent_dvc_cache():
     cache = next(words for words in script if words[:4] == ["dvc", "cache", "dir", "--local"])
     assert cache[4].startswith("$STATE/")  # outside the checkout, which actions/checkout cleans
     assert script.index(cache) < script.index(run)
-    assert "metrics/train.json" in STEPS[pipeline]["run"] and '"mps"' in STEPS[pipeline]["run"]
+    assert step_index(lambda words: words[:2] == ["python", ".ci/check_mps_run.py"]) > pipeline
+
+
+# What the stages write after a good run on a 16 GB M2 (the shape of each file as yem writes it)
+GOOD_MAC_RUN = {
+    "build/preflight.json": {"backend": "mps", "dtype": "float16", "chip": "Apple M2", "memory_budget_gib": 9.5,
+                             "torch": "2.13.0", "diffusers": "0.42.0"},
+    "metrics/train.json": {"backend": "mps", "dtype": "float16", "nonfinite_steps": 0, "rollbacks": 0,
+                           "loss_scale_skipped_steps": 1, "thermal_source": "macos", "thermal_worst": "nominal",
+                           "cpu_fallback_ops": "none", "peak_memory_gib": 0.61},
+    **{f"logs/{stage}.json": {"cpu_fallback_ops": [], "cpu_fallback_seconds": {}, "cpu_fallback_sampled_s": 0.4,
+                              "cpu_fallback_share": 0.0} for stage in ("encode", "latents", "render")},
+}
+
+
+def check_mps_run(folder, files: dict) -> subprocess.CompletedProcess:
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(content))
+    return subprocess.run([sys.executable, str(REPO / ".ci" / "check_mps_run.py")], cwd=folder, capture_output=True,
+                          text=True)
+
+
+def test_the_mac_checks_pass_a_good_run_and_name_every_problem_of_a_bad_one(tmp_path):
+    good = check_mps_run(tmp_path / "good", GOOD_MAC_RUN)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.count("| ok |") == 6 and "FAILED" not in good.stdout
+    bad = {**GOOD_MAC_RUN, "build/preflight.json": {**GOOD_MAC_RUN["build/preflight.json"], "dtype": "float32"},
+           "metrics/train.json": {**GOOD_MAC_RUN["metrics/train.json"], "backend": "cpu", "nonfinite_steps": 2,
+                                  "thermal_source": "none", "peak_memory_gib": 11.2},
+           "logs/render.json": {"cpu_fallback_ops": ["aten::col2im"]}}
+    failed = check_mps_run(tmp_path / "bad", bad)
+    assert failed.returncode == 1
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("::error::")]
+    named = [line.removeprefix("::error::MPS run: ").split(":")[0] for line in errors]
+    assert named == ["backend", "precision", "CPU fallbacks", "heat", "non-finite", "memory"]
+    assert "render: ['aten::col2im']" in failed.stderr
+    missing = check_mps_run(tmp_path / "empty", {})
+    assert missing.returncode == 1 and "No such file" in missing.stdout
 
 
 def test_the_persistent_state_lives_outside_the_checkout():
@@ -113,7 +154,7 @@ def test_uploads_the_artefacts_with_a_current_upload_artifact():
     uploads = [step for step in STEPS if step.get("uses", "").startswith("actions/upload-artifact@")]
     major = [int(step["uses"].split("@v")[1]) for step in uploads]
     assert uploads and min(major) >= 4  # v3 and older stopped working on github.com
-    results = next(step for step in uploads if "if" not in step)
+    results = next(step for step in uploads if "dist/" in step["with"]["path"])
     assert {"dist/", "metrics/"} <= set(results["with"]["path"].split())
     assert results["with"]["if-no-files-found"] == "error"
     assert [step["uses"] for step in STEPS if "uses" in step][0].startswith("actions/checkout@v")

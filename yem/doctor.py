@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 
 from yem.errors import YemError
-from yem.hardware import device, environment, fallbacks, memory
+from yem.hardware import device, environment, fallbacks, memory, precision
 from yem.hardware.budget import Budget, memory_budget
 from yem.hardware.memory import gib
 from yem.hardware.thermal import sensor
@@ -74,9 +74,9 @@ def gather(params: Params | None) -> Report:
 
 def probe_precision(backend: str, requested: str) -> Precision:
     with fallbacks.cpu_fallbacks() as fell_back:
-        bf16, fp16 = (device.probe_dtype(backend, name) for name in ("bfloat16", "float16"))
+        bf16, fp16 = (precision.probe_dtype(backend, name) for name in ("bfloat16", "float16"))
         try:
-            choice = device.pick_dtype(backend, requested)
+            choice = precision.pick_dtype(backend, requested)
         except YemError as e:
             choice = f"none ({e})"
     return Precision(bf16=bf16, fp16=fp16, choice=choice, fallbacks=tuple(fell_back))

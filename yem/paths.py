@@ -4,6 +4,7 @@ The one definition of each artefact's path: dvc.yaml passes these to the stages 
 (tests/test_dvc_contract.py checks that the two agree), and yem's own commands find results through them.
 """
 
+import os
 from pathlib import Path
 
 PREFLIGHT = Path("build/preflight.json")  # the stable hardware record (yem.hardware.record.Hardware)
@@ -17,7 +18,15 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_STEPS = Path("metrics/train_steps.tsv")
 DIST = Path("dist")  # what people share: LoRA files, images, model card
 PREFLIGHT_LOG = Path("logs/preflight.json")  # volatile readings; no stage depends on it
+# What each torch stage ran on the CPU in place of MPS, with the time it took (volatile too)
+ENCODE_LOG, LATENTS_LOG, RENDER_LOG = Path("logs/encode.json"), Path("logs/latents.json"), Path("logs/render.json")
 CHECKPOINTS = Path(".yem/checkpoints")  # resumable training state, outside DVC's outputs on purpose
 
 ARTEFACTS = (PREFLIGHT, IMAGES, CAPTIONS, EMBEDS, LATENTS, LORA, VALIDATION, TRAIN_METRICS, TRAIN_STEPS, DIST,
-             PREFLIGHT_LOG)
+             PREFLIGHT_LOG, ENCODE_LOG, LATENTS_LOG, RENDER_LOG)
+
+
+def yem_home() -> Path:
+    """Per-user files every project on this machine shares (the tiny model, per-machine measurements):
+    $YEM_HOME, by default ~/.cache/yem."""
+    return Path(os.environ.get("YEM_HOME", Path.home() / ".cache" / "yem"))

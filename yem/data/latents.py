@@ -16,6 +16,7 @@ from yem import atomic, progress
 from yem.data import cache, images
 from yem.data.hashing import file_sha256
 from yem.errors import DataError
+from yem.hardware import fallbacks
 from yem.hardware.record import Hardware
 from yem.model import sd3
 from yem.params import DataParams, ModelParams
@@ -30,9 +31,10 @@ def pixels(image: Image.Image) -> torch.Tensor:
 @torch.inference_mode()
 def encode(vae, image: Image.Image, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std), each (16, H/8, W/8), scaled into the space the transformer sees."""
-    posterior = vae.encode(pixels(image).to(backend)).latent_dist
-    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
-    return ((posterior.mean - shift) * scale)[0].cpu(), (posterior.std * scale)[0].cpu()
+    with fallbacks.sample("vae"):  # the first image: what MPS ran on the CPU, and its time
+        posterior = vae.encode(pixels(image).to(backend)).latent_dist
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+        return ((posterior.mean - shift) * scale)[0].cpu(), (posterior.std * scale)[0].cpu()
 
 
 def write_latents(model: ModelParams, settings: DataParams, hardware: Hardware, manifest: dict, root: Path,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from yem import atomic, progress
 from yem.data import cache
-from yem.hardware import device
+from yem.hardware import device, fallbacks
 from yem.hardware.record import Hardware
 from yem.model import sd3
 from yem.params import EncodeParams, ModelParams, PromptParams
@@ -81,7 +81,8 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
     clip_seqs, pooled = [], []
     for which in ("clip_l", "clip_g"):
         tokenizer, encoder = sd3.load_text_encoder(model, which, dtype, backend)
-        seq, pool = _run_chunks(partial(_clip, tokenizer, encoder, backend=backend), texts, on_progress)
+        with fallbacks.sample(which):
+            seq, pool = _run_chunks(partial(_clip, tokenizer, encoder, backend=backend), texts, on_progress)
         cuts += _truncations(tokenizer, texts, tokenizer.model_max_length, which)
         clip_seqs.append(seq)
         pooled.append(pool)
@@ -89,8 +90,9 @@ def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams,
         device.empty_cache(backend)
     if settings.use_t5:
         tokenizer, encoder = sd3.load_text_encoder(model, "t5", dtype, backend)
-        (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length, backend),
-                            texts, on_progress)
+        with fallbacks.sample("t5"):
+            (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length, backend),
+                                texts, on_progress)
         cuts += _truncations(tokenizer, texts, settings.max_sequence_length, "t5")
         del tokenizer, encoder
         device.empty_cache(backend)

@@ -1,22 +1,14 @@
-"""Which device and which precision: the only module that asks torch about backends.
+"""Which device: the only module that asks torch which backends exist, and what the machine is called.
 
-The precision is chosen by probing the device (a small matmul + backward in bf16 and fp16, checked finite and
-close to fp32), not from a table of chip and OS versions. On CPU yem trains in fp32: half precision there is
-emulated and slower.
+The precision to run on it is yem.hardware.precision's.
 """
 
 import sys
-import time
 from typing import Literal
 
 from yem.errors import HardwareError
 
 Backend = Literal["cuda", "mps", "cpu"]
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "no": "float32"}
-# A half-precision result this close to fp32 (relative Frobenius error) passes; bf16 lands near 4e-3.
-PROBE_TOLERANCE = 3e-2
-# Prefer bf16 (fp32's exponent range: no overflow) unless fp16 is clearly faster, as on chips that emulate bf16.
-FP16_PREFERRED_SPEEDUP = 1.5
 
 
 def pick_backend(requested: str) -> Backend:
@@ -51,63 +43,6 @@ def _linux_cpu() -> str | None:
     except OSError:
         return None
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-
-
-def pick_dtype(backend: Backend, requested: str) -> str:
-    """The compute dtype name for the frozen base weights (LoRA weights always train in fp32)."""
-    if requested != "auto":
-        name = DTYPE_NAMES[requested]
-        if name != "float32" and not probe_dtype(backend, name):
-            raise HardwareError(f"device.mixed_precision: {requested} gives wrong or non-finite results on "
-                                f"{backend}. Set device.mixed_precision: auto (or no for fp32).")
-        return name
-    if backend == "cpu":
-        return "float32"
-    passing = [name for name in ("bfloat16", "float16") if probe_dtype(backend, name)]
-    if not passing:
-        return "float32"
-    if passing == ["bfloat16", "float16"] and backend == "mps":
-        if _matmul_seconds(backend, "bfloat16") > FP16_PREFERRED_SPEEDUP * _matmul_seconds(backend, "float16"):
-            return "float16"
-    return passing[0]
-
-
-def probe_dtype(backend: Backend, name: str) -> bool:
-    """Run a small matmul + backward in `name` on the device; True when finite and close to fp32."""
-    import torch
-
-    dtype = getattr(torch, name)
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 256, generator=generator)
-    b = torch.randn(256, 256, generator=generator)
-    try:
-        x = a.to(backend, dtype).requires_grad_(True)
-        y = (x @ b.to(backend, dtype)).float()
-        y.square().mean().backward()
-        low = torch.cat([y.detach().flatten(), x.grad.float().flatten()]).cpu()
-    except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    x = a.clone().requires_grad_(True)
-    y = x @ b
-    y.square().mean().backward()
-    exact = torch.cat([y.detach().flatten(), x.grad.flatten()])
-    if not torch.isfinite(low).all():
-        return False
-    return bool((low - exact).norm() / exact.norm() < PROBE_TOLERANCE)
-
-
-def _matmul_seconds(backend: Backend, name: str) -> float:
-    import torch
-
-    dtype = getattr(torch, name)
-    a = torch.randn(1024, 1024, device=backend, dtype=dtype)
-    for _ in range(2):
-        (a @ a).sum().item()  # warm-up, and .item() waits for the device
-    start = time.perf_counter()
-    for _ in range(5):
-        a = a @ a / 32
-    a.sum().item()
-    return time.perf_counter() - start
 
 
 def synchronize(backend: Backend) -> None:

@@ -8,7 +8,7 @@ What memory looks like at this moment goes into a separate log that no stage dep
 
 from importlib import metadata
 
-from yem.hardware import budget, device, fallbacks, memory
+from yem.hardware import budget, device, fallbacks, memory, precision
 from yem.hardware.record import Hardware
 from yem.params import DeviceParams
 
@@ -17,7 +17,7 @@ def probe_hardware(params: DeviceParams) -> tuple[Hardware, dict]:
     """The stable record (-> build/preflight.json) and this moment's readings (-> logs/preflight.json)."""
     backend = device.pick_backend(params.backend)
     with fallbacks.cpu_fallbacks() as fell_back:  # the precision probe's ops: the first that MPS lacks shows up
-        dtype = device.pick_dtype(backend, params.mixed_precision)
+        dtype = precision.pick_dtype(backend, params.mixed_precision)
     readings = memory.read(backend)
     limit = budget.memory_budget(readings, params.memory_limit_gib)
     record = Hardware(backend=backend, dtype=dtype, chip=device.device_name(backend),

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from yem.paths import yem_home
+
 # Bump when the architecture or the build changes: the folder name carries it, so a stale build is never reused.
 TINY_VERSION = 1
 LAYERS = 2
@@ -22,8 +24,7 @@ CLIP_MAX_TOKENS = 77
 
 def tiny_model_dir(home: Path | None = None) -> Path:
     """Where the tiny model lives: $YEM_HOME (default ~/.cache/yem) / models / tiny-sd3-v<N>."""
-    home = home or Path(os.environ.get("YEM_HOME", Path.home() / ".cache" / "yem"))
-    return home / "models" / f"tiny-sd3-v{TINY_VERSION}"
+    return (home or yem_home()) / "models" / f"tiny-sd3-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(home: Path | None = None) -> Path:

@@ -66,7 +66,7 @@ def write_card(model: ModelParams, train: TrainParams, settings: ExportParams, r
                          library_name="diffusers", pipeline_tag="text-to-image", base_model=hub_base,
                          base_model_relation="adapter" if hub_base else None)
     body = "\n".join([_intro(settings, trigger, validation), _files(files), _usage(model, config, files, trigger),
-                      _training(model, train, config, results), _hardware(results.metrics)])
+                      _training(model, train, config, results), _hardware(results.metrics, validation)])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(out_dir / "README.md")
     return card
@@ -157,12 +157,18 @@ Held-out flow-matching loss (fixed noise and sigmas): {_num(m.get('heldout_loss_
 """
 
 
-def _hardware(m: dict) -> str:
+def _hardware(m: dict, validation: dict) -> str:
     rows = [("device", f"{m.get('device_name')} ({m.get('backend')}, {m.get('dtype')})"), ("torch", m.get("torch")),
             ("seconds per step (median)", _num(m.get("s_per_step"))),
             ("peak memory", f"{_num(m.get('peak_memory_gib'))} GiB"), ("wall time", _duration(m.get("wall_s")))]
     rows += [(label, f"{_num(m[key])}{unit}") for key, (label, unit) in OPTIONAL_HARDWARE.items()
              if m.get(key) is not None]
+    if m.get("loss_scale") is not None:  # fp16: the scaler's final scale and the overflows it skipped
+        rows.append(("fp16 loss scale", f"{m['loss_scale']:g} ({m.get('loss_scale_skipped_steps')} overflowing "
+                                        f"steps skipped)"))
+    # operators MPS lacks ran on the CPU (should be none): in training, with their share of a sampled window
+    rows.append(("CPU fallbacks in training", m.get("cpu_fallback_ops", "not recorded")))
+    rows.append(("CPU fallbacks in rendering", ", ".join(validation.get("cpu_fallback_ops", [])) or "none"))
     return f"## Hardware\n\n{_table(rows)}\n"
 
 

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from yem import progress
 from yem.data import cache
-from yem.hardware import device
+from yem.hardware import device, fallbacks
 from yem.hardware.record import Hardware
 from yem.model import lora_file, sd3
 from yem.params import ModelParams, RenderParams
@@ -28,8 +28,15 @@ def render_validation(model: ModelParams, settings: RenderParams, hardware: Hard
 
     Under `accelerate launch` (render.devices > 1) each process renders its share of rows × prompts × seeds on
     its own device and hands the images to the main process, which alone writes (other processes pass
-    out_dir None and get None).
+    out_dir None and get None). The index names the ops MPS ran on the CPU ("cpu_fallback_ops").
     """
+    with fallbacks.watching(hardware.backend) as watch:
+        index = _render_all(model, settings, hardware, embeds_dir, lora_dir, out_dir)
+    return None if index is None else {**index, "cpu_fallback_ops": list(watch.report().ops)}
+
+
+def _render_all(model: ModelParams, settings: RenderParams, hardware: Hardware, embeds_dir: Path, lora_dir: Path,
+                out_dir: Path | None) -> dict | None:
     from accelerate import PartialState
 
     state = PartialState(cpu=hardware.backend == "cpu")
@@ -78,7 +85,8 @@ def _render_jobs(model: ModelParams, settings: RenderParams, hardware: Hardware,
                 if adapters[row] is not None:
                     pipeline.load_lora_weights(str(adapters[row].parent), weight_name=adapters[row].name)
                 loaded = row
-            image = _render(pipeline, cells[c]["condition"], cells[c]["seed"], settings, resolution, dtype, bar)
+            with fallbacks.sample("render"):  # the first image: what MPS ran on the CPU, and its time
+                image = _render(pipeline, cells[c]["condition"], cells[c]["seed"], settings, resolution, dtype, bar)
             rendered.append((row, c, image))
     return rendered
 

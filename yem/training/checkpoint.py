@@ -1,8 +1,8 @@
 """Resumable training checkpoints: complete or absent, never half-written, never from an incompatible run.
 
-A checkpoint is a folder `step-00000050/` holding the adapter, the optimizer and LR-scheduler state, the RNG
-states, the per-step log so far, and a manifest of every file's size and sha256. It is written under a
-temporary name and renamed into place; on load the manifest is checked and a damaged checkpoint is skipped
+A checkpoint is a folder `step-00000050/` holding the adapter, the optimizer, LR-scheduler and loss-scaler
+state, the RNG states, the per-step log so far, and a manifest of every file's size and sha256. It is written
+under a temporary name and renamed into place; on load the manifest is checked and a damaged checkpoint is skipped
 with a warning in favour of the previous one. Checkpoints live outside DVC's outputs, in a folder keyed by a
 fingerprint of everything that determines the training result, so `dvc repro` after an interruption resumes,
 while a changed param starts fresh.
@@ -50,6 +50,7 @@ class TrainingState:
     adapter: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
+    scaler: dict  # the fp16 loss scaler's state ({} when it does not scale)
     log: RunLog  # per-step rows so far, skipped steps, rollbacks, pauses
     rng: dict  # torch / numpy / python generator states
 
@@ -78,7 +79,8 @@ def save(run_dir: Path, state: TrainingState, keep: int) -> Path:
     target = run_dir / f"{PREFIX}{state.step:08d}"
     with atomic.staged_dir(target) as staging:
         save_file(state.adapter, str(staging / "adapter.safetensors"))
-        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler}, staging / "optimizer.pt")
+        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "scaler": state.scaler},
+                   staging / "optimizer.pt")
         torch.save(state.rng, staging / "rng.pt")
         (staging / "log.json").write_text(json.dumps(state.log.to_json()), encoding="utf-8")
         files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in staging.iterdir()}
@@ -100,7 +102,7 @@ def load_latest(run_dir: Path) -> TrainingState | None:
         rng = torch.load(folder / "rng.pt", weights_only=False)
         return TrainingState(step=json.loads((folder / MANIFEST).read_text())["step"],
                              adapter=load_file(str(folder / "adapter.safetensors")), optimizer=optim["optimizer"],
-                             scheduler=optim["scheduler"], log=log, rng=rng)
+                             scheduler=optim["scheduler"], scaler=optim["scaler"], log=log, rng=rng)
     return None
 
 

@@ -21,7 +21,7 @@ from yem.hardware import device, fallbacks, memory, out_of_memory, peaks, power
 from yem.hardware.record import Hardware
 from yem.model import lora, lora_file
 from yem.params import ModelParams, ThermalParams, TrainParams
-from yem.training import autobatch, batching, checkpoint, setup
+from yem.training import autobatch, batching, checkpoint, scaling, setup
 from yem.training.metrics import TrainResult
 from yem.training.objective import batch_loss, heldout_loss
 from yem.training.state import Run, agreed, respect_heat, resume_or_start, roll_back, save_checkpoint
@@ -37,39 +37,47 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: Hardware, 
     The loop runs in windows of up to LOG_EVERY steps queued on the device without waiting for it; at the end
     of a window it reads the losses back (the only wait), then rolls back, checkpoints or stops as needed.
     """
-    started, startup = time.perf_counter(), setup.Startup()
-    startup.mark("imports")
-    run = setup.prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
-                        heat or ThermalParams(policy="pause", max_pause_s=600), startup)
-    resume_or_start(run)
-    resumed_from = run.log.step
-    startup.mark("first_step")
-    peaks.reset_peak(hardware.backend)
-    for warning in filter(None, [power.battery_warning()]):
-        progress.note(warning)
-    with stop_requests() as stop, fallbacks.cpu_fallbacks() as fell_back, power.keep_awake(), \
-            progress.bar(settings.steps, "train", "step") as bar:
-        bar.update(run.log.step)
-        while run.log.step < settings.steps:
-            reading, seconds = train_window(run, stop, bar)
-            startup.mark("first_window")  # compiling included
-            stop.signal = agreed(run, stop.signal)  # every process stops at the same step
-            if run.log.bad_streak >= settings.max_bad_steps:
-                roll_back(run)
-                bar.reset(settings.steps)
-                bar.update(run.log.step)
-                continue
-            if run.log.step == settings.steps:
-                break
-            respect_heat(run, reading, seconds)
-            if run.log.step % settings.checkpoint_every == 0 or stop:
-                save_checkpoint(run)
-            if stop:
-                raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
-                                      f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
-                                      f"command) to resume.")
-    result = finish(run, out_dir, hardware, latents_dir, resumed_from, started, startup, fell_back)
+    with fallbacks.watching(hardware.backend) as watch:  # from before the model loads: every op MPS lacks
+        started, startup = time.perf_counter(), setup.Startup()
+        startup.mark("imports")
+        run = setup.prepare(model, settings, hardware, latents_dir, embeds_dir, project_root,
+                            heat or ThermalParams(policy="pause", max_pause_s=600), startup)
+        resume_or_start(run)
+        resumed_from = run.log.step
+        startup.mark("first_step")
+        peaks.reset_peak(hardware.backend)
+        for warning in filter(None, [power.battery_warning()]):
+            progress.note(warning)
+        with stop_requests() as stop, power.keep_awake(), progress.bar(settings.steps, "train", "step") as bar:
+            train_to_the_end(run, stop, bar, startup)
+        result = finish(run, out_dir, hardware, latents_dir, resumed_from, started, startup, watch.report())
     return result if run.accelerator.is_main_process else None
+
+
+def train_to_the_end(run: Run, stop: StopRequest, bar, startup: setup.Startup) -> None:
+    """Window after window up to the last step, rolling back, cooling down, checkpointing or stopping as needed."""
+    settings, first = run.settings, run.log.step
+    bar.update(run.log.step)
+    while run.log.step < settings.steps:
+        # what MPS runs on the CPU, timed in one window: not the first, which warms up (compiles, fills caches)
+        with fallbacks.sample("train") if run.log.step > first else nullcontext():
+            reading, seconds = train_window(run, stop, bar)
+        startup.mark("first_window")  # compiling included
+        stop.signal = agreed(run, stop.signal)  # every process stops at the same step
+        if run.log.bad_streak >= settings.max_bad_steps:
+            roll_back(run)
+            bar.reset(settings.steps)
+            bar.update(run.log.step)
+            continue
+        if run.log.step == settings.steps:
+            break
+        respect_heat(run, reading, seconds)
+        if run.log.step % settings.checkpoint_every == 0 or stop:
+            save_checkpoint(run)
+        if stop:
+            raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
+                                  f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
+                                  f"command) to resume.")
 
 
 def train_window(run: Run, stop: StopRequest, bar) -> tuple:
@@ -90,8 +98,10 @@ def train_window(run: Run, stop: StopRequest, bar) -> tuple:
     log.rows += log_rows(start, values, lrs, seconds, run.accelerator.device.type, reading.state.value)
     log.step = start + len(values)
     log.nonfinite_steps += int(run.bad_in_window)
+    log.scaler_skipped_steps += int(run.overflow_in_window)
     log.bad_streak = int(run.bad_streak)
     run.bad_in_window.zero_()
+    run.overflow_in_window.zero_()
     bar.update(len(values))
     budget = f"/{memory.gib(run.budget)}" if run.budget else ""
     bar.set_postfix(loss=f"{values[-1]:.4f}", s_step=f"{seconds:.3f}",
@@ -103,7 +113,8 @@ def train_window(run: Run, stop: StopRequest, bar) -> tuple:
 def update(run: Run, step: int) -> torch.Tensor:
     """One optimizer step over `accumulation` micro-batches; returns the step's loss, left on the device.
 
-    A non-finite loss or gradient skips the update (parameters and Adam state untouched) and is counted.
+    A non-finite loss or gradient skips the update (parameters and Adam state untouched) and is counted; in
+    fp16 the loss is scaled (yem.training.scaling), and an overflow of the scale is skipped and counted apart.
     """
     settings, accelerator, plan = run.settings, run.accelerator, run.plan
     if run.graphs:
@@ -117,19 +128,23 @@ def update(run: Run, step: int) -> torch.Tensor:
         syncing = nullcontext() if micro == plan.accumulation - 1 else accelerator.no_sync(run.model)
         with syncing, device.autocast(accelerator.device.type, run.dtype):
             loss = batch_loss(run.model, batch, run.sigma_table, settings, run.dtype, plan.batch_size)
-            accelerator.backward(loss / plan.accumulation)
+            accelerator.backward(run.scaler.scale(loss / plan.accumulation))
         total += loss.detach() / plan.accumulation
+    run.scaler.unscale_(run.optimizer)  # the LoRA's gradients at their true size, before clipping
     norm = accelerator.clip_grad_norm_(run.params, settings.max_grad_norm or math.inf)
-    bad = ~(torch.isfinite(norm) & torch.isfinite(total))  # () bool, stays on the device
+    bad, overflow = scaling.verdict(run.scaler, total, norm)  # () bools, left on the device
+    skip = bad | overflow
     if run.skips_on_device:
-        run.optimizer.found_inf = bad.float()  # read by fused AdamW: skips params, moments and step count
+        run.optimizer.found_inf = skip.float()  # read by fused AdamW: skips params, moments and step count
         run.optimizer.step()
-    elif not bad.item():
+    elif not skip.item():
         run.optimizer.step()
+    run.scaler.update()  # halves the scale after an overflow, doubles it after a long clean stretch
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.bad_in_window += bad
-    run.bad_streak.mul_(bad).add_(bad)  # +1 on a bad step, back to 0 on a good one
+    run.overflow_in_window += overflow
+    run.bad_streak.mul_(skip).add_(bad)  # +1 on a bad step, kept on an overflow, back to 0 on a good one
     return total
 
 
@@ -169,7 +184,7 @@ def watch_swap(run: Run) -> str:
 
 
 def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resumed_from: int, started: float,
-           startup: setup.Startup, fell_back: list[str]) -> TrainResult:
+           startup: setup.Startup, fell_back: fallbacks.FallbackReport) -> TrainResult:
     """Measure, write the final adapter (with the intermediate ones) to `out_dir`, drop the checkpoints."""
     backend, settings, log = hardware.backend, run.settings, run.log
     # Before training the adapter is the identity (B = 0), so the base model alone gives the "before" value.
@@ -189,11 +204,15 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
     facts = {"backend": backend, "dtype": log.dtype, "device_name": device.device_name(backend),
              "torch": torch.__version__, "resolution": cache.read_index(latents_dir)["resolution"],
              "nonfinite_steps": log.nonfinite_steps, "rollbacks": len(log.rollbacks),
+             "loss_scale_skipped_steps": log.scaler_skipped_steps,
+             "loss_scale": run.scaler.get_scale() if run.scaler.is_enabled() else None,  # fp16 only
              "learning_rate_scale": log.lr_scale, "os": device.os_name(),
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
              "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs),
-             "cpu_fallback_ops": ", ".join(fell_back) or "none"}  # MPS ops that ran on the CPU (should be none)
+             # MPS ops that ran on the CPU (should be none), and their share of the sampled window's time
+             "cpu_fallback_ops": fell_back.summary(), "cpu_fallback_share": fell_back.share}
+    facts = {k: v for k, v in facts.items() if v is not None}  # DVC's metrics leave out nulls: so does the file
     return TrainResult(steps=settings.steps, rows=log.rows, heldout_before=before,
                        heldout_after=after, batch_size=run.plan.batch_size,
                        gradient_accumulation=run.plan.accumulation,

@@ -16,6 +16,7 @@ class RunLog:
     step: int = 0  # optimizer updates done
     rows: list[dict] = field(default_factory=list)  # one per step: step, loss, lr, s_per_step, memory_gib, thermal
     nonfinite_steps: int = 0  # updates skipped because the loss or a gradient was NaN or Inf
+    scaler_skipped_steps: int = 0  # fp16: updates skipped because the loss scale overflowed (then halved)
     bad_streak: int = 0  # of those in a row, as of the last read from the device
     rollbacks: list[dict] = field(default_factory=list)  # {at_step, to_step, remedy}
     lr_scale: float = 1.0  # learning-rate factor the rollbacks applied

@@ -21,7 +21,7 @@ from yem.hardware.thermal import sensor
 from yem.hardware.thermal.governor import Governor
 from yem.model import architecture, lora, sd3
 from yem.params import ModelParams, ThermalParams, TrainParams
-from yem.training import autobatch, checkpoint, flow, objective
+from yem.training import autobatch, checkpoint, flow, objective, scaling
 from yem.training.state import Run
 
 # torch.compile mode of the transformer blocks. On CUDA, CUDA graphs ("reduce-overhead") replay each block's
@@ -113,6 +113,7 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
                sigma_table=sigma_table, dtype=dtype, settings=settings, plan=plan, budget=budget,
                generator=torch.Generator(accelerator.device), draw_u=draw_u,
                run_dir=run_dir, provenance=provenance, bad_streak=zero.clone(), bad_in_window=zero.clone(),
+               overflow_in_window=zero.clone(), scaler=scaling.make_scaler(backend, dtype),
                sensor=sensor.detect(backend),
                # on a CPU other processes swing step time far more than heat does: watch the sensor only
                heat=Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"), graphs=graphs)
@@ -162,7 +163,8 @@ def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: Hardwar
              "effective_batch_size")
     how = {k: v for k, v in dataclasses.asdict(settings).items() if k not in split}
     how["effective_batch"] = effective_batch(settings, processes)
-    code = [Path(m.__file__) for m in (flow, lora, checkpoint, trainset, objective, loop, state)] + [Path(__file__)]
+    code = [Path(m.__file__) for m in (flow, lora, checkpoint, trainset, objective, loop, state, scaling)]
+    code.append(Path(__file__))
     inputs = [p for folder in (latents_dir, embeds_dir) for p in folder.rglob("*") if p.is_file()]
     return checkpoint.fingerprint({"model": dataclasses.asdict(model), "train": how,
                                    "hardware": dataclasses.asdict(hardware), "yem": __version__}, inputs + code)

@@ -21,7 +21,7 @@ from yem.hardware.thermal.governor import Action, Governor
 from yem.hardware.thermal.reading import Reading, Sensor
 from yem.model import lora, lora_file
 from yem.params import TrainParams
-from yem.training import batching, checkpoint
+from yem.training import batching, checkpoint, scaling
 from yem.training.runlog import RunLog
 
 MAX_ROLLBACKS = 3  # rollbacks after non-finite steps before giving up with advice
@@ -49,6 +49,8 @@ class Run:
     provenance: dict[str, str]  # header metadata of every adapter file written
     bad_streak: torch.Tensor  # () non-finite steps in a row, on the device
     bad_in_window: torch.Tensor  # () non-finite steps since the last sync, on the device
+    overflow_in_window: torch.Tensor  # () steps the fp16 loss scale overflowed since the last sync, on the device
+    scaler: torch.amp.GradScaler  # fp16 loss scaling (yem.training.scaling); disabled in bf16 and fp32
     sensor: Sensor  # how hot the training device runs
     heat: Governor  # decides, once per window, to go on, pause or stop
     log: RunLog = dataclasses.field(default_factory=lambda: RunLog(dtype="float32"))
@@ -100,6 +102,7 @@ def roll_back(run: Run) -> None:
     state = checkpoint.load_latest(run.run_dir) or run.initial
     target = dataclasses.replace(
         copy.deepcopy(state.log), nonfinite_steps=log.nonfinite_steps, bad_streak=0, thermal=log.thermal,
+        scaler_skipped_steps=log.scaler_skipped_steps,
         rollbacks=log.rollbacks + [{"at_step": log.step, "to_step": state.step, "remedy": remedy}],
         lr_scale=log.lr_scale * (0.5 if remedy == "lower_lr" else 1.0),
         dtype="float32" if remedy == "fp32" else log.dtype)
@@ -121,8 +124,10 @@ def restore(run: Run, state: checkpoint.TrainingState, target: RunLog) -> None:
     if target.dtype == "float32" and run.dtype != torch.float32:
         run.transformer.to(torch.float32)  # the frozen base; the adapter is fp32 already
         run.dtype = torch.float32
+    run.scaler = scaling.restored(run.accelerator.device.type, run.dtype, state.scaler)
     run.bad_streak.zero_()
     run.bad_in_window.zero_()
+    run.overflow_in_window.zero_()
 
 
 def save_checkpoint(run: Run) -> None:
@@ -137,5 +142,6 @@ def save_checkpoint(run: Run) -> None:
 def snapshot(run: Run) -> checkpoint.TrainingState:
     return checkpoint.TrainingState(step=run.log.step, adapter=lora.adapter_state(run.transformer),
                                     optimizer=copy.deepcopy(run.optimizer.state_dict()),
-                                    scheduler=run.scheduler.state_dict(), log=copy.deepcopy(run.log),
+                                    scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(),
+                                    log=copy.deepcopy(run.log),
                                     rng=checkpoint.capture_rng())

@@ -1,10 +1,10 @@
 """The thermal governor: from sensor readings and step times, whether training goes on, pauses or stops.
 
-`sensor.detect(backend)` picks what reads the heat: macOS `NSProcessInfo.thermalState`, NVIDIA through NVML,
-Linux `/sys/class/thermal` zones, or nothing (unknown). Counters can read "nominal" while a Mac's GPU
-down-clocks, so the `Governor` also compares each log window's step time with a warm baseline and treats a
-sustained slowdown like the "serious" state. Its decisions are a pure function of readings, step times and an
-injected clock. The training loop calls, once per log window:
+`sensor.detect(backend)` picks what reads the heat: macOS `NSProcessInfo.thermalState` with the thermal pressure
+level (heavy pressure counts as serious), NVIDIA through NVML, Linux `/sys/class/thermal` zones, or nothing
+(unknown). Counters can read "nominal" while a Mac's GPU down-clocks, so the `Governor` also compares each log
+window's step time with a warm baseline and treats a sustained slowdown like the "serious" state. Its decisions
+are a pure function of readings, step times and an injected clock. The training loop calls, once per log window:
 
     reader = sensor.detect(backend)
     governor = Governor(params.thermal.policy, params.thermal.max_pause_s, watch_speed=backend != "cpu")
