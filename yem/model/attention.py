@@ -1,9 +1,8 @@
 """Which attention the SD3 transformer runs (train.attention, render.attention), and the processor that chunks it.
 
-- `resolve`: auto is chunked on MPS, where torch's attention is the math composite that keeps the (T × T) scores,
-  and torch's own SDPA elsewhere (flash / memory-efficient kernels on CUDA and the CPU need O(T) memory already).
-- `use`: install the choice on a transformer. Chunked attention's chunk comes from the memory budget
-  (`chunk_budget`) and keeps every tensor under MPSGraph's 2³¹ elements whatever batch arrives (yem.model.chunked).
+- `use`: install the choice on a transformer (yem.model.chunked.resolve: auto is chunked on MPS only). Chunked
+  attention's chunks come from the memory budget and keep every tensor under MPSGraph's 2³¹ elements whatever
+  batch arrives.
 - `ChunkedJointAttnProcessor`: diffusers' `JointAttnProcessor2_0` (SD3 and SD3.5 joint attention, and SD3.5's
   image-only `attn2`, which uses the same class) whose SDPA call runs `chunked_attention` instead. diffusers' own
   code runs unchanged: projections, qk-norm, the joint concatenation, the split, peft's LoRA layers; only the
@@ -12,51 +11,29 @@
 """
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch.overrides import TorchFunctionMode
 
-from yem.hardware.memory import GIB, MIB
-from yem.model.chunked import MAX_ELEMENTS, chunk_for_budget, chunked_attention
-
-Kind = Literal["sdpa", "chunked"]
-KEEPS_SCORES = {"mps"}  # backends whose SDPA is the math composite: the (T × T) scores are materialised and kept
-# One attention call's chunk-dependent working set, as a share of the memory budget: 0.96 GiB on a 16 GB Mac
-# (9.6 GiB budget; SD3-medium at 1024 px then runs 6 chunks of 709 queries), 0.48 GiB on an 8 GB one.
-CHUNK_SHARE = 0.1
-CHUNK_BUDGET_MIN, CHUNK_BUDGET_MAX = 128 * MIB, 2 * GIB  # below ~64 rows per chunk launches start to cost
+from yem.model import chunked
+from yem.model.chunked import CHUNK_BUDGET_MAX, MAX_ELEMENTS, chunk_for_budget, chunked_attention
 
 
-def resolve(setting: str, backend: str) -> Kind:
-    """train.attention / render.attention for this backend: auto is chunked where SDPA keeps the scores."""
-    if setting == "auto":
-        return "chunked" if backend in KEEPS_SCORES else "sdpa"
-    return setting  # type: ignore[return-value]
-
-
-def chunk_budget(memory_budget: int | None) -> int:
-    """Bytes one attention call's chunk may take: CHUNK_SHARE of the memory budget, clamped."""
-    if memory_budget is None:
-        return CHUNK_BUDGET_MAX
-    return int(min(CHUNK_BUDGET_MAX, max(CHUNK_BUDGET_MIN, CHUNK_SHARE * memory_budget)))
-
-
-def use(transformer: torch.nn.Module, setting: str, backend: str, memory_budget: int | None) -> Kind:
+def use(transformer: torch.nn.Module, setting: str, backend: str, memory_budget: int | None) -> chunked.Kind:
     """Make `transformer` (an SD3Transformer2DModel) run the attention `setting` resolves to; returns which."""
-    kind = resolve(setting, backend)
-    processor = ChunkedJointAttnProcessor(chunk_budget(memory_budget)) if kind == "chunked" else \
+    kind = chunked.resolve(setting, backend)
+    processor = ChunkedJointAttnProcessor(chunked.chunk_budget(memory_budget)) if kind == "chunked" else \
         JointAttnProcessor2_0()
     transformer.set_attn_processor(processor)
     return kind
 
 
-def largest_sdpa_batch(kind: Kind, backend: str, heads: int, tokens: int) -> int | None:
+def largest_sdpa_batch(kind: chunked.Kind, backend: str, heads: int, tokens: int) -> int | None:
     """The largest batch whose (B, H, T, T) score tensor MPSGraph can hold, where SDPA materialises it (None:
     no such limit). Chunked attention sizes its chunks to the batch instead."""
-    if kind == "chunked" or backend not in KEEPS_SCORES:
+    if kind == "chunked" or backend not in chunked.KEEPS_SCORES:
         return None
     return max(1, MAX_ELEMENTS // (heads * tokens * tokens))
 

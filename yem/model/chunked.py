@@ -1,4 +1,5 @@
-"""Attention that does not need O(T²) memory: queries in chunks, each chunk's scores recomputed in backward.
+"""Attention that does not need O(T²) memory (queries in chunks, each chunk's scores recomputed in backward), when
+to use it and how big its chunks are.
 
 Where torch has no fused attention kernel (MPS), `F.scaled_dot_product_attention` runs the math composite: it
 upcasts half inputs to fp32, forms the (T × T) scores and softmax, and keeps the fp32 probabilities for backward,
@@ -18,16 +19,40 @@ holds B·H·c·T elements, which `chunk_for_budget` keeps under MPSGraph's 2³¹
 
 import contextlib
 import math
+from typing import Literal
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from yem.hardware.memory import GIB, MIB
+
+Kind = Literal["sdpa", "chunked"]
+KEEPS_SCORES = {"mps"}  # backends whose SDPA is the math composite: the (T × T) scores are materialised and kept
 # MPSGraph fails on a tensor of 2³¹ elements or more (one 5 × 24 × 4250² score tensor: SD3 at 1024 px, batch 5);
 # the failure is not an out-of-memory error, so no back-off would catch it.
 MAX_ELEMENTS = 2**31 - 1
 # fp32 (c × T) buffers alive at once: backward holds P and dP (dS is computed in dP's place), forward one; the third
 # is margin for MPSGraph's temporaries in the in-place ops, which torch's allocator does not see.
 SCORE_BUFFERS = 3
+# One attention call's chunk-dependent working set, as a share of the memory budget: 0.96 GiB on a 16 GB Mac
+# (9.6 GiB budget; SD3-medium at 1024 px then runs 6 chunks of 709 queries), 0.48 GiB on an 8 GB one.
+CHUNK_SHARE = 0.1
+CHUNK_BUDGET_MIN, CHUNK_BUDGET_MAX = 128 * MIB, 2 * GIB  # below ~64 rows per chunk launches start to cost
+
+
+def resolve(setting: str, backend: str) -> Kind:
+    """train.attention / render.attention on this backend: auto is chunked where SDPA keeps the scores (MPS); on
+    CUDA and the CPU torch's flash and memory-efficient kernels need O(T) memory already."""
+    if setting == "auto":
+        return "chunked" if backend in KEEPS_SCORES else "sdpa"
+    return setting  # type: ignore[return-value]
+
+
+def chunk_budget(memory_budget: int | None) -> int:
+    """Bytes one attention call's chunks may take: CHUNK_SHARE of the memory budget, clamped."""
+    if memory_budget is None:
+        return CHUNK_BUDGET_MAX
+    return int(min(CHUNK_BUDGET_MAX, max(CHUNK_BUDGET_MIN, CHUNK_SHARE * memory_budget)))
 
 
 def chunk_bytes(batch: int, heads: int, kv_len: int, head_dim: int, chunk: int,

@@ -192,7 +192,7 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
              "learning_rate_scale": log.lr_scale, "os": device.os_name(),
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
-             "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs),
+             "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs), "attention": run.attention,
              "cpu_fallback_ops": ", ".join(fell_back) or "none"}  # MPS ops that ran on the CPU (should be none)
     return TrainResult(steps=settings.steps, rows=log.rows, heldout_before=before,
                        heldout_after=after, batch_size=run.plan.batch_size,
