@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.test_batching import AllocationLimit
-from yem.model import attention
+from yem.model import attention, chunked
 from yem.model.attention import ChunkedJointAttnProcessor
 from yem.model.chunked import MAX_ELEMENTS, chunk_bytes, chunk_for_budget, chunked_attention, fixed_bytes
 
@@ -216,7 +216,7 @@ def test_chunk_rule_on_sd3_shapes():
     assert chunk_for_budget(5, 24, 4250, 4250, 64, budget_bytes=2**50) == 2125
     assert chunk_for_budget(1, 24, 4250, 4250, 64, budget_bytes=2**50) == 4250  # 4.3e8: whole
     # a 16 GB Mac's chunk budget (0.96 GiB): SD3-medium at 1024 px runs 6 chunks of 709 queries
-    assert chunk_for_budget(1, 24, 4250, 4250, 64, attention.chunk_budget(int(9.6 * 2**30))) == 709
+    assert chunk_for_budget(1, 24, 4250, 4250, 64, chunked.chunk_budget(int(9.6 * 2**30))) == 709
     budgets = [chunk_for_budget(2, 24, 4250, 4250, 64, b << 20) for b in (64, 256, 1024, 65536)]
     assert budgets == sorted(budgets) and chunk_for_budget(2, 24, 4250, 4250, 64, 1) == 1
     with pytest.raises(ValueError):
@@ -224,11 +224,11 @@ def test_chunk_rule_on_sd3_shapes():
 
 
 def test_auto_is_chunked_on_mps_only_and_the_chunk_budget_follows_the_memory_budget():
-    assert attention.resolve("auto", "mps") == "chunked"
-    assert attention.resolve("auto", "cuda") == attention.resolve("auto", "cpu") == "sdpa"
-    assert attention.resolve("chunked", "cpu") == "chunked" and attention.resolve("sdpa", "mps") == "sdpa"
-    small, large = attention.chunk_budget(int(4.8 * 2**30)), attention.chunk_budget(int(86.4 * 2**30))
-    assert attention.CHUNK_BUDGET_MIN < small < large == attention.CHUNK_BUDGET_MAX
+    assert chunked.resolve("auto", "mps") == "chunked"
+    assert chunked.resolve("auto", "cuda") == chunked.resolve("auto", "cpu") == "sdpa"
+    assert chunked.resolve("chunked", "cpu") == "chunked" and chunked.resolve("sdpa", "mps") == "sdpa"
+    small, large = chunked.chunk_budget(int(4.8 * 2**30)), chunked.chunk_budget(int(86.4 * 2**30))
+    assert chunked.CHUNK_BUDGET_MIN < small < large == chunked.CHUNK_BUDGET_MAX
     # where SDPA materialises the scores, the batch that MPSGraph can hold (issue 14: batch 5 at 1024 px fails)
     assert attention.largest_sdpa_batch("sdpa", "mps", 24, 4250) == 4
     assert attention.largest_sdpa_batch("chunked", "mps", 24, 4250) is None
@@ -393,7 +393,7 @@ def test_no_tensor_reaches_two_to_the_31_elements_at_the_largest_planned_batch(m
         inputs = [torch.empty(batch, n, arch.width, dtype=torch.float16, requires_grad=True) for n in (image, text)]
         temb = torch.empty(batch, arch.width, dtype=torch.float16)
     largest = {}
-    for kind, processor in (("chunked", ChunkedJointAttnProcessor(attention.CHUNK_BUDGET_MAX)),
+    for kind, processor in (("chunked", ChunkedJointAttnProcessor(chunked.CHUNK_BUDGET_MAX)),
                             ("math", JointAttnProcessor2_0())):
         for attn in filter(None, (block.attn, block.attn2)):
             attn.set_processor(processor)
