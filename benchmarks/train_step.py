@@ -55,6 +55,7 @@ KNOWN = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
          "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
          "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
 BACKENDS = ("cudnn", "flash", "efficient", "math")
+YEM_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # params.yaml's train.targets
 TEXT_TOKENS = 154  # 77 CLIP + 77 T5, as the reference trains
 VARIANTS = {"eager": dict(compile=False, gradient_checkpointing=False),
             "compiled": dict(compile=True, gradient_checkpointing=False),
@@ -329,7 +330,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=sorted(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--targets", nargs="+", default=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
+    parser.add_argument("--targets", nargs="+", default=YEM_TARGETS)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--saved-activations", type=float, default=1.0, help="train.saved_activations for the "

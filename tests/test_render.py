@@ -44,7 +44,7 @@ def rendered(setup, out: str, fail=lambda batch, plan: False):
     """Render into root/out, with `fail(batch, plan)` deciding which pipeline calls run out of memory; returns the
     images and each call's (images, VAE tile, ran out of memory)."""
     root, model, settings = setup
-    calls, real = [], render._render
+    calls, real = [], render.render_batch
 
     def flaky(pipeline, batch, settings, plan, dtype):
         calls.append((len(batch), plan.vae_tile, fail(batch, plan)))
@@ -52,11 +52,11 @@ def rendered(setup, out: str, fail=lambda batch, plan: False):
             raise RuntimeError(MPS_OOM)
         return real(pipeline, batch, settings, plan, dtype)
 
-    render._render = flaky
+    render.render_batch = flaky
     try:
         index = render.render_validation(model, settings, cpu_hardware(), root / "embeds", root / "lora", root / out)
     finally:
-        render._render = real
+        render.render_batch = real
     images = {f"{row}/{c['file']}": np.asarray(Image.open(root / out / row / c["file"]))
               for row in index["rows"] for c in index["cells"]}
     return images, calls

@@ -123,7 +123,7 @@ def _render_groups(model: ModelParams, settings: RenderParams, hardware: Hardwar
             if len(group) > len(batch):
                 pending.appendleft((row, group[len(batch):]))
             try:
-                images = _render(pipeline, [cells[c] for c in batch], settings, plan, dtype)
+                images = render_batch(pipeline, [cells[c] for c in batch], settings, plan, dtype)
             except Exception as error:
                 if not out_of_memory.is_out_of_memory(error):
                     raise
@@ -154,8 +154,10 @@ def _condition(embeds_dir: Path, key: str, negative: str) -> dict[str, torch.Ten
 
 
 @torch.inference_mode()
-def _render(pipeline, batch: list[dict], settings: RenderParams, plan: footprint.Workload, dtype) -> list[Image.Image]:
-    """One pipeline call for the cells of `batch` (their prompts stacked, one generator per seed)."""
+def render_batch(pipeline, batch: list[dict], settings: RenderParams, plan: footprint.Workload,
+                 dtype) -> list[Image.Image]:
+    """One pipeline call for the cells of `batch` ({"condition": embeddings, "seed": int}: their prompts stacked,
+    one generator per seed), decoding as `plan` says (VAE tiles)."""
     _tile_vae(pipeline.vae, plan.vae_tile)
     on_device = {name: torch.cat([cell["condition"][name] for cell in batch]).to(pipeline.device, dtype)
                  for name in batch[0]["condition"]}
