@@ -31,16 +31,19 @@ configure_environment()  # before torch loads
 import torch  # noqa: E402
 import train_step  # noqa: E402
 
-TRAIN = [  # (target, model, px, attention, variant, int8 base, Mac GB whose budget sizes the chunks)
-    ("16 GB: train <= 7.0 GiB", "sd3-medium", 1024, "chunked", "checkpointed", False, 16),
-    ("math path, for the time", "sd3-medium", 1024, "sdpa", "checkpointed", False, 16),
-    ("estimate check", "sd3-medium", 1024, "chunked", "eager", False, 16),
-    ("estimate check", "sd3-medium", 512, "chunked", "eager", False, 16),
-    ("math path, for the time", "sd3-medium", 512, "sdpa", "eager", False, 16),
-    ("8 GB: train <= 4.3 GiB", "sd3-medium", 512, "chunked", "eager", True, 8),
-    ("8 GB: train <= 4.3 GiB", "sd3-medium", 512, "chunked", "checkpointed", True, 8),
-    ("36 GB: train <= 20 GiB", "sd3.5-large", 1024, "chunked", "checkpointed", False, 36),
-]
+TRAIN = {  # part -> rows of (target, model, px, attention, variant, int8 base, Mac GB whose budget sizes chunks)
+    "train": [("16 GB: train <= 7.0 GiB", "sd3-medium", 1024, "chunked", "checkpointed", False, 16),
+              ("math path, for the time", "sd3-medium", 1024, "sdpa", "checkpointed", False, 16),
+              ("estimate check", "sd3-medium", 1024, "chunked", "eager", False, 16),
+              ("estimate check", "sd3-medium", 512, "chunked", "eager", False, 16),
+              ("math path, for the time", "sd3-medium", 512, "sdpa", "eager", False, 16),
+              ("8 GB: train <= 4.3 GiB", "sd3-medium", 512, "chunked", "eager", True, 8),
+              ("8 GB: train <= 4.3 GiB", "sd3-medium", 512, "chunked", "checkpointed", True, 8),
+              ("36 GB: train <= 20 GiB", "sd3.5-large", 1024, "chunked", "checkpointed", False, 36)],
+    # the int8 constant was fitted on the 512 px eager row above: checked on runs it was not fitted on
+    "int8-check": [("int8 estimate check", "sd3-medium", 1024, "chunked", "eager", True, 16),
+                   ("int8 estimate check", "sd3.5-medium", 768, "chunked", "eager", True, 16)],
+}
 RENDER = [  # (target, model, px, attention, images per call and VAE tile: None = as planned for the Mac, Mac GB)
     ("16 GB: render <= 7.0 GiB", "sd3-medium", 1024, "chunked", None, 16),
     ("estimate check", "sd3-medium", 1024, "chunked", (1, 512), 16),
@@ -60,13 +63,13 @@ def train_args(cli, model: str, attention: str, int8: bool, mac_gb: int | None, 
 
 def train_rows(cli) -> list[dict]:
     rows = []
-    for target, model, px, attention, variant, int8, mac_gb in TRAIN:
+    for target, model, px, attention, variant, int8, mac_gb in [r for part in cli.parts for r in TRAIN.get(part, [])]:
         model, px = (("smoke", 128) if cli.quick else (model, px))
         args = train_args(cli, model, attention, int8, mac_gb, mps_path=True, rank=16)
         with train_step.forced_attention(None, mps_path=True), train_step.without_autocast():
             rows.append({"target": target, **train_step.measure(args, variant, px, None)})
         print_row(rows[-1])
-    for sdpa in CUDA_DEFAULT if cli.device == "cuda" else []:
+    for sdpa in CUDA_DEFAULT if cli.device == "cuda" and "cuda" in cli.parts else []:
         args = train_args(cli, "sd3-medium", "auto", False, None, mps_path=False, rank=4, sdpa=sdpa)
         with train_step.forced_attention(sdpa):
             rows.append({"target": "CUDA default step, eager", **train_step.measure(args, "eager", 1024, None)})
@@ -183,10 +186,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the smoke model at 128 px: a check of the script")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--parts", nargs="+", default=["train", "int8-check", "render", "cuda"],
+                        choices=["train", "int8-check", "render", "cuda"])
     cli = parser.parse_args()
     print("| target | model | px | what ran | peak GiB | estimate GiB | estimate vs peak |")
     print("|---|---|---|---|---|---|---|")
-    rows = train_rows(cli) + render_rows(cli)
+    rows = train_rows(cli) + (render_rows(cli) if "render" in cli.parts else [])
     if cli.json:
         cli.json.write_text(json.dumps({"torch": torch.__version__, "device": train_step.device_label(cli.device),
                                         "rows": rows}, indent=1))

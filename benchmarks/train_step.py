@@ -140,7 +140,7 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
     run = setup.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
                          settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={},
                          budget=mac_budget(args.mac_gb))
-    args.proof = proof(run.transformer, run.attention)
+    args.proof = proof(run.transformer, run.attention, dtype)
     return lambda number: loop.update(run, number)
 
 
@@ -154,19 +154,23 @@ def mac_budget(mac_gb: int | None) -> int | None:
     return memory_budget(apple.mac_readings(mac_gb)).bytes
 
 
-def proof(transformer, kind: str) -> dict:
+def proof(transformer, kind: str, dtype: torch.dtype) -> dict:
     """What ran: the transformer's attention processor(s) and checkpointing, autocast, and the autograd node an SDPA
-    call gets under the attention backends in force (the processor replaces only the transformer's calls)."""
+    call in the run's dtype gets under the attention backends in force (the processor replaces only the
+    transformer's calls)."""
     import torch.nn.functional as F
 
     from yem.hardware import device
 
-    probe = torch.randn(1, 2, 8, 16, requires_grad=True, device=next(transformer.parameters()).device)
+    probe = torch.randn(1, 2, 64, 64, dtype=dtype, requires_grad=True, device=next(transformer.parameters()).device)
     with device.autocast(probe.device.type, torch.float16) as autocast:
         enabled = autocast is not None and torch.is_autocast_enabled(probe.device.type)
+    try:
+        node = F.scaled_dot_product_attention(probe, probe, probe).grad_fn.name()
+    except RuntimeError as error:  # the forced backends have no kernel for the probe's dtype and shape
+        node = f"no kernel for the probe: {error}"
     return {"attention": kind, "processors": sorted({type(p).__name__ for p in transformer.attn_processors.values()}),
-            "checkpointing": transformer.is_gradient_checkpointing, "autocast": enabled,
-            "sdpa_backward": F.scaled_dot_product_attention(probe, probe, probe).grad_fn.name()}
+            "checkpointing": transformer.is_gradient_checkpointing, "autocast": enabled, "sdpa_backward": node}
 
 
 def forced_attention(names: list[str] | None, mps_path: bool = False):
@@ -272,12 +276,14 @@ def median_seconds(args, step, device: str, sync) -> float:
 
 
 def estimate(args, variant: str, resolution: int) -> int:
-    """yem's estimate of this row's peak (yem.model.footprint), for the attention it ran, on the MPS path."""
+    """yem's estimate of this row's peak (yem.model.footprint), for the attention it ran, on the MPS path where the
+    row runs it."""
     from yem.model import chunked, footprint
     from yem.model.architecture import KNOWN_MODELS
 
     settings = settings_for(args, variant)
-    work = footprint.training_workload(settings, "mps", getattr(torch, args.dtype).itemsize, resolution,
+    backend = "mps" if args.mps_path else args.device
+    work = footprint.training_workload(settings, backend, getattr(torch, args.dtype).itemsize, resolution,
                                        TEXT_TOKENS, images=8, prompts=8, memory_budget=mac_budget(args.mac_gb))
     work = dataclasses.replace(work, attention=args.attention if args.attention != "auto" else
                                chunked.resolve("auto", args.device))

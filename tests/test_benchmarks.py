@@ -50,3 +50,27 @@ def test_the_mac_path_runs_without_autocast_and_restores_it():
         with device.autocast("cuda", torch.bfloat16) as context:
             assert context is None  # a nullcontext: peft's LoRA path computes in fp32 as on MPS
     assert device.autocast is original
+
+
+def test_the_estimate_is_within_10_percent_of_every_peak_measured_on_the_mac_path():
+    """issue 14's rows, measured on an H200 (benchmarks/RESULTS.md): yem's estimate, as it is now, of each."""
+    import argparse
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    bench, mac_path = train_step(), importlib.import_module("mac_path")
+    rows = json.loads((REPO / "benchmarks/results/2026-11-30-h200-mac-path.json").read_text())["rows"]
+    cli = argparse.Namespace(device="cuda", dtype="float16", warmup=3, steps=5, quick=False)
+    for row in rows:
+        if "images" in row:  # a render row
+            plan = mac_path.render_plan(row["model"], row["resolution"], row["attention"],
+                                        bench.mac_budget(row["mac_gb"]), (row["images"], row["vae_tile"]))
+            estimate = mac_path.render_estimate(row["model"], plan)
+        else:
+            attention = row["proof"]["attention"] if row["mps_path"] else "auto"
+            args = mac_path.train_args(cli, row["model"], attention, row["quantize_base"] == "int8", row["mac_gb"],
+                                       row["mps_path"], row["rank"], row["sdpa"])
+            estimate = bench.estimate(args, row["variant"], row["resolution"])
+        assert abs(estimate / 2**30 - row["peak_gib"]) <= 0.1 * row["peak_gib"], (row["target"], row["model"])
+    assert len(rows) == 16

@@ -41,8 +41,9 @@ def test_the_fewest_changes_are_chosen_and_auto_checkpointing_is_resolved():
                                                       chunk_budget=chunked.chunk_budget(eight)), eight)
              for px in (512, 768)}
     assert all(f.fits and f.settings == ("train.quantize_base: int8", "encode.use_t5: false") for f in found.values())
-    # auto checkpointing as training decides it: off where batch 1 fits an 8 GB Mac without it, on where not
-    assert not found[512].work.checkpointing and found[768].work.checkpointing
+    # auto checkpointing as training decides it: on, since batch 1 does not fit an 8 GB Mac without it (measured
+    # on the H200: 4.59 GiB at 512 px, over 90 % of the 4.8 GiB budget; 2.70 GiB with it)
+    assert all(f.work.checkpointing for f in found.values())
     roomy = fit.smallest_change(SD3_MEDIUM, work(resolution=512, attention="chunked"), 64 * GIB)
     assert roomy.fits and roomy.settings == () and not roomy.work.checkpointing
     hopeless = fit.smallest_change(SD35_LARGE, work(), eight)

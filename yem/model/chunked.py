@@ -62,9 +62,13 @@ def chunk_bytes(batch: int, heads: int, kv_len: int, head_dim: int, chunk: int,
     return batch * heads * chunk * (score_buffers * kv_len + 6 * head_dim + 2) * 4
 
 
-def fixed_bytes(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, itemsize: int) -> int:
+def fixed_bytes(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, itemsize: int,
+                backward: bool = True) -> int:
     """The transient bytes no chunk size changes, O(T): fp32 copies of k and v and their transposes, the fp32 dKᵀ
-    and dVᵀ accumulators, and dQ, dK, dV in the input dtype."""
+    and dVᵀ accumulators, and dQ, dK, dV in the input dtype; without `backward` (rendering) the fp32 kᵀ and v and
+    the output."""
+    if not backward:
+        return batch * heads * (kv_len * 2 * head_dim * 4 + q_len * head_dim * itemsize)
     return batch * heads * (kv_len * 6 * head_dim * 4 + (q_len + 2 * kv_len) * head_dim * itemsize)
 
 

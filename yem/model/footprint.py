@@ -20,6 +20,9 @@ counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
                         + 3.0·4 u if qk_norm   (RMSNorm computes in fp32)
                         + (1.4 s + 2.8·4) i    for an MMDiT-X block's second attention (SD3.5-medium: 13 blocks)
   backward working set  8.3 s u                gradients in flight for one block
+  int8 base             + 6.0 s u per block: optimum-quanto's Linear keeps its input for backward even where the
+                        weight is frozen (a plain nn.Linear then keeps nothing), 6 hidden widths per token
+                        (q/k/v's and out's inputs, both feed-forward Linears', the second 4 W wide, some shared)
   checkpointing         keeps 1.3 s u per block (its inputs) and recomputes one block at a time in backward
   attention scores      where attention runs as torch's math composite (MPS with train.attention: sdpa), every
                         block keeps its (T × T) probabilities in fp32 whatever the dtype, B × heads × T² × 4 bytes,
@@ -27,7 +30,7 @@ counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
   chunked attention     (yem.model.chunked) keeps its output in fp32 where flash keeps it at s, B·H·T·D·(4 − s)
                         more per attention, and one attention call's chunks and fp32 copies of k and v are the
                         transient (`chunk_bytes` + `fixed_bytes`: about 10 % of the budget, chosen by the budget)
-  render, per call      14 s u for the batch of 2 per image (classifier-free guidance), + 2.3 × one block's scores
+  render, per call      7 s u for the batch of 2 per image (classifier-free guidance), + 2.3 × one block's scores
                         on MPS (math) or one chunk's score buffer and k, v in fp32 (chunked)
   VAE                   encode and decode 6 fp32 elements per pixel × its first block's width (128 in SD3), or
                         twice the mid-block's (resolution/8)⁴ fp32 attention scores on MPS if larger; render decodes
@@ -41,7 +44,9 @@ with 4-8 blocks, width 256-512, 1024 image and 16-300 text tokens; they were lin
 the formula matched torch.cuda.max_memory_allocated within 1 % without checkpointing and was 16 % over with it.
 The score constants come from the same H100 runs with SDPA forced to the math backend (within 4 %); SimpleTuner's
 MPS measurement of one fp32 attention (H 24, 6144 tokens: 11.98 GiB = 1 kept + 2.55 transient score matrices)
-agrees within 10 %, but no SD3 step has been measured on a Mac. Render, VAE and T5 were measured on the same H100
+agrees within 10 %, but no SD3 step has been measured on a Mac. The MPS path itself (chunked or math attention,
+fp16, eager, no autocast) was measured on an H200 for issue 14: every estimate within 7 % of the allocator's peak
+(benchmarks/RESULTS.md), the int8 and render constants fitted there. Render, VAE and T5 were measured on the same H100
 (SD3-medium, SD3's VAE and T5-XXL with random weights, 512 and 1024 px); the GPU needed more than the CPU's
 live-tensor count (12.3, 5.0 and 6.0 elements: cuBLAS/cuDNN workspaces, and diffusers' VAE upsamplers compute in
 fp32 for bf16 inputs), so the constants are the GPU's. tests/test_estimate.py re-measures a configuration the
@@ -67,12 +72,15 @@ LATENT_CHANNELS, VAE_SCALE = 16, 8
 
 KEPT_IMAGE_AT_DTYPE, KEPT_IMAGE_FP32, KEPT_TEXT_AT_DTYPE = 6.1, 6.1, 8.5
 QK_NORM_FP32 = 3.0
+INT8_KEPT_AT_DTYPE = 6.0  # measured on an H200, SD3-medium at 512 px, eager (benchmarks/RESULTS.md, issue 14)
 DUAL_AT_DTYPE, DUAL_FP32 = 1.4, 2.8
 BACKWARD_AT_DTYPE = 8.3
 CHECKPOINT_AT_DTYPE = 1.3
 SCORE_BYTES = 4  # the math composite keeps softmax probabilities in fp32, even for bf16/fp16 inputs
 SCORES_BACKWARD = 2.9
-RENDER_AT_DTYPE = 14.0
+# H200, the MPS path, SD3-medium at 1024 px with 1 and 4 images per call (benchmarks/RESULTS.md, issue 14); the
+# earlier 14 came from H100 runs of one image per call, where the VAE decode and the call could not be told apart
+RENDER_AT_DTYPE = 7.0
 RENDER_SCORES = 2.3
 ENCODER_AT_DTYPE = 24.0  # per token × width of the text encoder, one chunk
 VAE_ENCODE_PER_PIXEL = VAE_DECODE_PER_PIXEL = 6.0  # fp32 elements per pixel × the VAE's first width
@@ -235,7 +243,8 @@ def train_activations(arch: Architecture, work: Workload) -> float:
     s, (image, text) = work.dtype_bytes, _units(arch, work)
     units = image + text
     per_block = (image * (KEPT_IMAGE_AT_DTYPE * s + KEPT_IMAGE_FP32 * 4) + text * KEPT_TEXT_AT_DTYPE * s
-                 + (units * QK_NORM_FP32 * 4 if arch.qk_norm else 0))
+                 + (units * QK_NORM_FP32 * 4 if arch.qk_norm else 0)
+                 + (units * INT8_KEPT_AT_DTYPE * s if work.quantized_base else 0))
     attention = _attention_kept(arch, work, text=True)
     dual_block = image * (DUAL_AT_DTYPE * s + DUAL_FP32 * 4) + _attention_kept(arch, work, text=False)
     backward = BACKWARD_AT_DTYPE * units * s + _attention_backward(arch, work)
@@ -276,7 +285,7 @@ def _chunked_transient(arch: Architecture, work: Workload, score_buffers: int) -
     batch, heads, tokens, dim = work.batch_size, arch.heads, _tokens(arch, work), arch.head_dim
     chunk = chunked.chunk_for_budget(batch, heads, tokens, tokens, dim, work.chunk_budget)
     return (chunked.chunk_bytes(batch, heads, tokens, dim, chunk, score_buffers)
-            + chunked.fixed_bytes(batch, heads, tokens, tokens, dim, work.dtype_bytes))
+            + chunked.fixed_bytes(batch, heads, tokens, tokens, dim, work.dtype_bytes, backward=score_buffers > 1))
 
 
 def _attention_backward(arch: Architecture, work: Workload) -> float:
