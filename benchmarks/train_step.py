@@ -241,7 +241,8 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
            "loss_finite": bool(torch.isfinite(torch.as_tensor(loss))),
            "saved_activations": args.saved_activations, "sdpa": args.sdpa, "mps_path": args.mps_path,
            "mac_gb": args.mac_gb, "proof": getattr(args, "proof", None),
-           "estimate_gib": estimate(args, variant, resolution) / memory.GIB if args.model in KNOWN else None}
+           "estimate_gib": estimate(args, variant, resolution) / memory.GIB if args.model in KNOWN else None,
+           "estimated_s_per_step": estimated_seconds(args, variant, resolution)}
     row["pct_of_matmul"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
     del step
     import gc
@@ -278,16 +279,37 @@ def median_seconds(args, step, device: str, sync) -> float:
 def estimate(args, variant: str, resolution: int) -> int:
     """yem's estimate of this row's peak (yem.model.footprint), for the attention it ran, on the MPS path where the
     row runs it."""
-    from yem.model import chunked, footprint
+    from yem.model import footprint
     from yem.model.architecture import KNOWN_MODELS
 
-    settings = settings_for(args, variant)
+    work = footprint_workload(settings_for(args, variant), args, resolution)
+    return footprint.train_stage(KNOWN_MODELS[KNOWN[args.model]], work).total
+
+
+def footprint_workload(settings, args, resolution: int):
+    """The row as yem.model.footprint describes a run, on the MPS path where the row runs it."""
+    from yem.model import chunked, footprint
+
     backend = "mps" if args.mps_path else args.device
     work = footprint.training_workload(settings, backend, getattr(torch, args.dtype).itemsize, resolution,
                                        TEXT_TOKENS, images=8, prompts=8, memory_budget=mac_budget(args.mac_gb))
-    work = dataclasses.replace(work, attention=args.attention if args.attention != "auto" else
-                               chunked.resolve("auto", args.device))
-    return footprint.train_stage(KNOWN_MODELS[KNOWN[args.model]], work).total
+    return dataclasses.replace(work, batch_size=args.batch, attention=args.attention if args.attention != "auto"
+                               else chunked.resolve("auto", args.device))
+
+
+def estimated_seconds(args, variant: str, resolution: int) -> float | None:
+    """On a Mac yem knows the chip of, the s/step `yem doctor --memory` estimates for this row (yem.training.macs),
+    for the measured s/step to be set beside."""
+    from yem.hardware import apple
+    from yem.model.architecture import KNOWN_MODELS
+    from yem.training import macs
+
+    chip = apple.chip(device_label(args.device)) if args.device == "mps" else None
+    if chip is None or args.model not in KNOWN:
+        return None
+    settings = settings_for(args, variant)
+    work = footprint_workload(settings, args, resolution)
+    return macs.seconds_per_step(KNOWN_MODELS[KNOWN[args.model]], work, chip)
 
 
 def count_flops(step, number: int) -> float:
