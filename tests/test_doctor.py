@@ -48,7 +48,8 @@ def test_16gb_mac_report_explains_the_budget_and_what_to_change():
     assert f"{memory.gib(memory_budget(MAC_16).bytes)}: 90% of the 10.7 GiB Metal working set" in text
     assert "bf16 pass, fp16 pass -> float16" in text and "aten::_linalg_solve_ex.result" in text
     assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.9" in text and "pressure     normal" in text
-    assert "gradient checkpointing on" in text  # auto decided it, as training will
+    assert "gradient checkpointing on" in text and "chunked attention" in text  # auto decided them, as training will
+    assert "int8 base    on MPS an int8 base runs as plain MPS matmuls" in text
     stages = {line.split()[0]: line for line in text.splitlines()[text.splitlines().index(
         "Stages (SD3-medium at 1024 px, float16, batch auto)") + 1:][:4]}
     assert set(stages) == {"encode", "latents", "train", "render"}
@@ -154,3 +155,11 @@ def test_chip_rates_are_the_published_ones_and_brand_strings_name_them():
     for name, tflops in published.items():
         assert apple.chip(f"Apple {name}").fp16_tflops == pytest.approx(tflops, rel=0.01), name
     assert apple.chip("Apple M2 Pro").name == "M2 Pro" and apple.chip("Intel Xeon") is None
+
+
+def test_the_readme_carries_the_table_yem_doctor_produces():
+    from tests.conftest import REPO
+
+    _, text = mac_rows(*(str(gb) for gb in (8, 16, 24, 36, 48, 64, 128)))
+    tables = text.split("\n\n", 1)[1].rsplit("\n\nint8 base", 1)[0]
+    assert tables.strip() in (REPO / "README.md").read_text(), "README: paste `yem doctor --memory 8 ... 128`'s tables"

@@ -236,6 +236,7 @@ def _device_rows(report: Report) -> list[tuple[str, str]]:
             ("system", report.system), ("libraries", report.libraries), ("precision", probe)]
     if report.backend == "mps":
         rows.append(("CPU fallback", ", ".join(p.fallbacks) or "no op fell back to the CPU in the probe"))
+        rows.append(("int8 base", INT8_ON_MPS))
     return rows + [("thermal", report.thermal)]
 
 
