@@ -3,6 +3,14 @@
     python benchmarks/train_step.py --model sd3-medium --resolution 1024 512 --variants eager compiled
     python benchmarks/train_step.py --device mps --model sd3-medium --resolution 512 --variants eager
     python benchmarks/train_step.py --device cpu --dtype float32 --resolution 256 --quantize-base int8
+    python benchmarks/train_step.py --mps-path --attention chunked --variants checkpointed --mac-gb 16 --rank 16
+
+`--mps-path` runs the step as a Mac would on any GPU: eager, no autocast (yem autocasts on CUDA only), and SDPA
+forced to torch's math backend (MPS has no other); `--attention chunked` is train.attention's chunked attention,
+its chunks sized for a Mac of `--mac-gb` GB. Each row records proof of its settings: the autograd node of an SDPA
+call under the row's attention settings (the math composite's is UnsafeViewBackward0, CPU flash attention's
+ScaledDotProductFlashAttentionForCpuBackward0), the transformer's attention processor and checkpointing state,
+and whether autocast was on; and yem's estimate of the same run (yem.model.footprint) beside the measured peak.
 
 Builds the transformer at the real config directly on the device (random weights in the training dtype),
 synthetic cached latents and prompt embeddings of the real shapes, then runs `yem.training.loop.update` — the exact
@@ -16,6 +24,7 @@ RSS, which memory freed by an earlier row can inflate: compare quantized and not
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -42,6 +51,11 @@ ARCHITECTURES = {  # diffusers SD3Transformer2DModel configs (see notes/diffuser
 }
 COMMON = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
               joint_attention_dim=4096, pooled_projection_dim=2048)
+KNOWN = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+         "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+         "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
+BACKENDS = ("cudnn", "flash", "efficient", "math")
+YEM_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # params.yaml's train.targets
 TEXT_TOKENS = 154  # 77 CLIP + 77 T5, as the reference trains
 VARIANTS = {"eager": dict(compile=False, gradient_checkpointing=False),
             "compiled": dict(compile=True, gradient_checkpointing=False),
@@ -91,7 +105,7 @@ def settings_for(args, variant: str):
     return dataclasses.replace(base, steps=args.warmup + args.steps, batch_size=args.batch, rank=args.rank,
                                alpha=float(args.rank), learning_rate=1e-4, lr_scheduler="constant",
                                lr_warmup_steps=0, targets=args.targets, saved_activations=args.saved_activations,
-                               quantize_base=args.quantize_base,
+                               quantize_base=args.quantize_base, attention=args.attention,
                                **VARIANTS[variant])
 
 
@@ -124,8 +138,67 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
     heat = ThermalParams(policy="ignore", max_pause_s=0)
     setup.COMPILE_MODES["cuda"] = "reduce-overhead" if variant == "compiled+graphs" else "default"
     run = setup.assemble(accelerator, transformer, data, FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas,
-                         settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={})
+                         settings_for(args, variant), dtype, heat, run_dir=Path("/nonexistent"), provenance={},
+                         budget=mac_budget(args.mac_gb))
+    args.proof = proof(run.transformer, run.attention, dtype)
     return lambda number: loop.update(run, number)
+
+
+def mac_budget(mac_gb: int | None) -> int | None:
+    """yem's memory budget on a Mac of `mac_gb` GB (chunked attention sizes its chunks from it)."""
+    if mac_gb is None:
+        return None
+    from yem.hardware import apple
+    from yem.hardware.budget import memory_budget
+
+    return memory_budget(apple.mac_readings(mac_gb)).bytes
+
+
+def proof(transformer, kind: str, dtype: torch.dtype) -> dict:
+    """What ran: the transformer's attention processor(s) and checkpointing, autocast, and the autograd node an SDPA
+    call in the run's dtype gets under the attention backends in force (the processor replaces only the
+    transformer's calls)."""
+    import torch.nn.functional as F
+
+    from yem.hardware import device
+
+    probe = torch.randn(1, 2, 64, 64, dtype=dtype, requires_grad=True, device=next(transformer.parameters()).device)
+    with device.autocast(probe.device.type, torch.float16) as autocast:
+        enabled = autocast is not None and torch.is_autocast_enabled(probe.device.type)
+    try:
+        node = F.scaled_dot_product_attention(probe, probe, probe).grad_fn.name()
+    except RuntimeError as error:  # the forced backends have no kernel for the probe's dtype and shape
+        node = f"no kernel for the probe: {error}"
+    return {"attention": kind, "processors": sorted({type(p).__name__ for p in transformer.attn_processors.values()}),
+            "checkpointing": transformer.is_gradient_checkpointing, "autocast": enabled, "sdpa_backward": node}
+
+
+def forced_attention(names: list[str] | None, mps_path: bool = False):
+    """The SDPA backends to use, kept in force for as long as the returned context is open (a context entered
+    on a temporary is collected at once and restores the old backends: the --sdpa bug of issue 14)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if mps_path:
+        names = ["math"]  # MPS has no other backend
+    if not names:
+        return contextlib.nullcontext()
+    backends = {name: getattr(SDPBackend, {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+                                           "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[name])
+                for name in BACKENDS}
+    return sdpa_kernel([backends[n] for n in names], set_priority=True)
+
+
+@contextlib.contextmanager
+def without_autocast():
+    """yem's step without its CUDA autocast, as on a Mac (peft's LoRA path then computes in fp32)."""
+    from yem.hardware import device
+
+    original = device.autocast
+    device.autocast = lambda backend, dtype: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        device.autocast = original
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -166,7 +239,10 @@ def measure(args, variant: str, resolution: int, peak_tflops: float | None) -> d
            "peak_gib": peak / memory.GIB, "tflop_per_step": flops / 1e12,
            "tflops": flops / seconds / 1e12, "warmup_s": warmup_s,
            "loss_finite": bool(torch.isfinite(torch.as_tensor(loss))),
-           "saved_activations": args.saved_activations, "sdpa": args.sdpa}
+           "saved_activations": args.saved_activations, "sdpa": args.sdpa, "mps_path": args.mps_path,
+           "mac_gb": args.mac_gb, "proof": getattr(args, "proof", None),
+           "estimate_gib": estimate(args, variant, resolution) / memory.GIB if args.model in KNOWN else None,
+           "estimated_s_per_step": estimated_seconds(args, variant, resolution)}
     row["pct_of_matmul"] = 100 * row["tflops"] / peak_tflops if peak_tflops else None
     del step
     import gc
@@ -200,10 +276,51 @@ def median_seconds(args, step, device: str, sync) -> float:
     return statistics.median(samples)
 
 
+def estimate(args, variant: str, resolution: int) -> int:
+    """yem's estimate of this row's peak (yem.model.footprint), for the attention it ran, on the MPS path where the
+    row runs it."""
+    from yem.model import footprint
+    from yem.model.architecture import KNOWN_MODELS
+
+    work = footprint_workload(settings_for(args, variant), args, resolution)
+    return footprint.train_stage(KNOWN_MODELS[KNOWN[args.model]], work).total
+
+
+def footprint_workload(settings, args, resolution: int):
+    """The row as yem.model.footprint describes a run, on the MPS path where the row runs it."""
+    from yem.model import chunked, footprint
+
+    backend = "mps" if args.mps_path else args.device
+    work = footprint.training_workload(settings, backend, getattr(torch, args.dtype).itemsize, resolution,
+                                       TEXT_TOKENS, images=8, prompts=8, memory_budget=mac_budget(args.mac_gb))
+    return dataclasses.replace(work, batch_size=args.batch, attention=args.attention if args.attention != "auto"
+                               else chunked.resolve("auto", args.device))
+
+
+def estimated_seconds(args, variant: str, resolution: int) -> float | None:
+    """On a Mac yem knows the chip of, the s/step `yem doctor --memory` estimates for this row (yem.training.macs),
+    for the measured s/step to be set beside."""
+    from yem.hardware import apple
+    from yem.model.architecture import KNOWN_MODELS
+    from yem.training import macs
+
+    chip = apple.chip(device_label(args.device)) if args.device == "mps" else None
+    if chip is None or args.model not in KNOWN:
+        return None
+    settings = settings_for(args, variant)
+    work = footprint_workload(settings, args, resolution)
+    return macs.seconds_per_step(KNOWN_MODELS[KNOWN[args.model]], work, chip)
+
+
 def count_flops(step, number: int) -> float:
+    """FLOPs torch counts in one step, the in-place batched matmuls of chunked attention's backward (dK, dV),
+    which FlopCounterMode leaves out, included."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    def inplace_baddbmm(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.baddbmm_: inplace_baddbmm}) as counter:
         step(number)
     return counter.get_total_flops()
 
@@ -241,25 +358,25 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["eager", "compiled"], choices=sorted(VARIANTS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--targets", nargs="+", default=["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"])
+    parser.add_argument("--targets", nargs="+", default=YEM_TARGETS)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--saved-activations", type=float, default=1.0, help="train.saved_activations for the "
                         "compiled variants: the share of activations kept for backward (the rest is recomputed)")
-    parser.add_argument("--sdpa", nargs="+", choices=["cudnn", "flash", "efficient", "math"], help="attention "
-                        "backends to try first, in this order (default: torch's own priority)")
+    parser.add_argument("--sdpa", nargs="+", choices=BACKENDS, help="attention backends to try first, in this "
+                        "order (default: torch's own priority)")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "chunked"], default="auto", help="train.attention")
+    parser.add_argument("--mps-path", action="store_true", help="as on a Mac: no autocast, SDPA forced to math")
+    parser.add_argument("--mac-gb", type=int, help="size chunked attention's chunks for a Mac of this many GB")
     parser.add_argument("--quantize-base", choices=["none", "int8"], default="none", help="train.quantize_base: "
                         "int8 stores the frozen base in int8 (optimum-quanto) before the adapter is attached")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    if args.sdpa:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        sdpa_kernel([names[n] for n in args.sdpa], set_priority=True).__enter__()  # for the whole run
     peak = matmul_tflops(args.device, getattr(torch, args.dtype))
-    rows = [measure(args, variant, resolution, peak) for resolution in args.resolution for variant in args.variants]
+    with forced_attention(args.sdpa, args.mps_path), \
+            without_autocast() if args.mps_path else contextlib.nullcontext():  # kept open for every row
+        rows = [measure(args, variant, resolution, peak) for resolution in args.resolution
+                for variant in args.variants]
     if args.json:
         args.json.write_text(json.dumps({"matmul_tflops": peak, "torch": torch.__version__, "rows": rows}, indent=1))
     print_table(rows, peak)
@@ -267,15 +384,17 @@ def main() -> None:
 
 def print_table(rows: list[dict], peak: float | None) -> None:
     print(f"\nmatmul ceiling: {peak:.0f} TFLOP/s" if peak else "\nmatmul ceiling: n/a (cpu)")
-    header = f"{'model':<13}{'variant':<23}{'res':>5}{'bs':>3}{'s/step':>9}{'weights':>8}{'peak GiB':>9}{'TFLOP':>7}" \
-             f"{'TFLOP/s':>9}{'% mm':>6}{'warm-up s':>10}"
+    header = f"{'model':<13}{'variant':<23}{'res':>5}{'bs':>3}{'s/step':>9}{'weights':>8}{'peak GiB':>9}" \
+             f"{'est GiB':>8}{'TFLOP':>7}{'TFLOP/s':>9}{'% mm':>6}{'warm-up s':>10}  attention"
     print(header)
     for r in rows:
         pct = f"{r['pct_of_matmul']:.0f}" if r["pct_of_matmul"] is not None else "-"
         variant = r["variant"] + ("+int8" if r["quantize_base"] == "int8" else "")
+        est = f"{r['estimate_gib']:.2f}" if r.get("estimate_gib") else "-"
+        ran = r["proof"]["attention"] + f" ({r['proof']['sdpa_backward']})" if r.get("proof") else "-"
         print(f"{r['model']:<13}{variant:<23}{r['resolution']:>5}{r['batch']:>3}{r['s_per_step']:>9.4f}"
-              f"{r['weights_gib']:>8.2f}{r['peak_gib']:>9.2f}{r['tflop_per_step']:>7.1f}{r['tflops']:>9.1f}{pct:>6}"
-              f"{r['warmup_s']:>10.1f}")
+              f"{r['weights_gib']:>8.2f}{r['peak_gib']:>9.2f}{est:>8}{r['tflop_per_step']:>7.1f}{r['tflops']:>9.1f}"
+              f"{pct:>6}{r['warmup_s']:>10.1f}  {ran}")
 
 
 if __name__ == "__main__":

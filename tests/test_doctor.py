@@ -5,12 +5,13 @@ import dataclasses
 import warnings
 from types import SimpleNamespace
 
+import pytest
 from click.testing import CliRunner
 
 from tests.test_memory import LINUX_BOX, MAC_16, MAC_64
 from yem import doctor
 from yem.cli import main
-from yem.hardware import environment, fallbacks, memory
+from yem.hardware import apple, environment, fallbacks, memory
 from yem.hardware.budget import memory_budget
 from yem.model import architecture, footprint
 from yem.params import set_values
@@ -27,8 +28,9 @@ def mac_report(readings: memory.Readings, fallbacks: tuple[str, ...] = ()) -> do
     """What `gather` would find on a Mac running SD3-medium at 1024 px with auto batch and checkpointing."""
     budget = memory_budget(readings)
     work = footprint.Workload(backend="mps", dtype_bytes=2, resolution=1024, render_resolution=1024, batch_size=1,
-                             checkpointing=False, rank=4, targets=4, use_t5=True, t5_tokens=77)
-    auto = SimpleNamespace(batch_size="auto", gradient_checkpointing="auto")
+                             checkpointing=False, rank=4, targets=4, use_t5=True, t5_tokens=77, attention="chunked",
+                             render_attention="chunked")
+    auto = SimpleNamespace(batch_size="auto", gradient_checkpointing="auto", attention="auto")
     work, note = doctor.resolve_auto(SD3_MEDIUM, work, budget.bytes, auto)
     label = doctor.machine_label(readings)
     return doctor.Report(
@@ -46,7 +48,8 @@ def test_16gb_mac_report_explains_the_budget_and_what_to_change():
     assert f"{memory.gib(memory_budget(MAC_16).bytes)}: 90% of the 10.7 GiB Metal working set" in text
     assert "bf16 pass, fp16 pass -> float16" in text and "aten::_linalg_solve_ex.result" in text
     assert "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.9" in text and "pressure     normal" in text
-    assert "gradient checkpointing on" in text  # auto decided it, as training will
+    assert "gradient checkpointing on" in text and "chunked attention" in text  # auto decided them, as training will
+    assert "int8 base    on MPS an int8 base runs as plain MPS matmuls" in text
     stages = {line.split()[0]: line for line in text.splitlines()[text.splitlines().index(
         "Stages (SD3-medium at 1024 px, float16, batch auto)") + 1:][:4]}
     assert set(stages) == {"encode", "latents", "train", "render"}
@@ -119,3 +122,48 @@ def test_the_thermal_line_reads_the_training_devices_sensor(monkeypatch):
     monkeypatch.setattr(doctor.sensor, "detect", lambda backend: SimpleNamespace(
         read=lambda: SimpleNamespace(state=state, detail=f"{backend}: GPU 91 °C")))
     assert doctor._thermal("cuda") == "serious (cuda: GPU 91 °C)"
+
+
+def mac_rows(*sizes: str) -> tuple[dict[tuple[str, str], list[str]], str]:
+    """`yem doctor --memory ...`'s first table: (model, px) -> one cell per memory size."""
+    from tests.conftest import REPO
+
+    args = ["doctor", "--params", str(REPO / "params.yaml")] + [a for gb in sizes for a in ("--memory", gb)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    first = result.output.split("\n\n")[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in first.splitlines()[2:]]
+    return {(row[0], row[1]): row[2:] for row in cells}, result.output
+
+
+def test_the_mac_table_says_a_16gb_mac_trains_sd3_medium_at_1024px():
+    rows, text = mac_rows("16")
+    assert rows["SD3-medium", "1024"] == ["fits · ckpt"]  # chunked attention and auto checkpointing: no changes
+    assert rows["SD3.5-large", "1024"][0].startswith("no (")  # its 15 GiB of weights alone pass a 9.6 GiB budget
+    minutes = next(line for line in text.splitlines() if line.startswith("| SD3-medium | 1024 | yes |"))
+    values = [float(v) for v in minutes.strip("|").split("|")[3:]]
+    assert len(values) == len(apple.CHIPS) and all(v > 0 for v in values)
+    assert "estimate" in text and "quanto_py::qbytes_mm" in text
+
+
+def test_the_mac_table_across_sizes_names_what_an_8gb_mac_must_change():
+    rows, _ = mac_rows("8", "16", "36")
+    # an 8 GB Mac: int8 base and no T5, and checkpointing (an int8 base keeps its Linears' inputs: 4.6 GiB without)
+    assert rows["SD3-medium", "512"] == ["int8 base + no T5 · ckpt", "fits", "fits"]
+    assert rows["SD3.5-large", "1024"][:2] == ["no (train, render)"] * 2 and rows["SD3.5-large", "1024"][2] != "no"
+
+
+def test_chip_rates_are_the_published_ones_and_brand_strings_name_them():
+    published = {"M1": 2.6, "M1 Pro": 5.2, "M1 Max": 10.4, "M2": 3.6, "M2 Max": 13.6, "M3 Max": 14.32,
+                 "M4 Pro": 7.53}  # apple.com newsroom (M1 family, M2); hmc-tech.com (the others)
+    for name, tflops in published.items():
+        assert apple.chip(f"Apple {name}").fp16_tflops == pytest.approx(tflops, rel=0.01), name
+    assert apple.chip("Apple M2 Pro").name == "M2 Pro" and apple.chip("Intel Xeon") is None
+
+
+def test_the_readme_carries_the_table_yem_doctor_produces():
+    from tests.conftest import REPO
+
+    _, text = mac_rows(*(str(gb) for gb in (8, 16, 24, 36, 48, 64, 128)))
+    tables = text.split("\n\n", 1)[1].rsplit("\n\nint8 base", 1)[0]
+    assert tables.strip() in (REPO / "README.md").read_text(), "README: paste `yem doctor --memory 8 ... 128`'s tables"

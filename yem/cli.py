@@ -140,10 +140,15 @@ def push(repo_id: str, private: bool, dist: Path) -> None:
 
 @main.command()
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
-def doctor(params_path: Path) -> None:
+@click.option("--memory", "memory_gb", type=click.IntRange(4, 1024), multiple=True,
+              help="answer for a Mac with this many GB of unified memory instead of this machine; repeat for a table")
+def doctor(params_path: Path, memory_gb: tuple[int, ...]) -> None:
     """Explain this machine: device, precision, memory budget, and whether each stage of params.yaml fits."""
-    from yem.doctor import format_report, gather
+    from yem.doctor import format_report, gather, mac_table
     from yem.params import load_params
 
     params = load_params(params_path) if params_path.exists() else None
+    if memory_gb:
+        click.echo(mac_table(params, tuple(sorted(set(memory_gb)))), nl=False)
+        return
     click.echo(format_report(gather(params)), nl=False)

@@ -13,14 +13,15 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 
 from yem.errors import YemError
-from yem.hardware import device, environment, fallbacks, memory, precision
+from yem.hardware import apple, device, environment, fallbacks, memory, precision
 from yem.hardware.budget import Budget, memory_budget
 from yem.hardware.memory import gib
 from yem.hardware.thermal import sensor
 from yem.model import architecture, footprint
 from yem.model.architecture import Architecture
-from yem.model.footprint import STAGES, Workload, estimate, train_stage
+from yem.model.footprint import STAGES, Workload, render_plan, train_stage
 from yem.params import Params, TrainParams
+from yem.training import fit, macs
 from yem.training.batching import MAX_AUTO_BATCH, PLAN_MARGIN
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -90,7 +91,7 @@ def _with_estimate(report: Report, params: Params) -> Report:
         arch = architecture.architecture_for(params.model.id, params.model.revision)
     except YemError as e:
         return replace(report, problem=str(e))
-    work = footprint.workload(params, report.backend, itemsize)
+    work = footprint.workload(params, report.backend, itemsize, budget=report.budget.bytes)
     work, note = resolve_auto(arch, work, report.budget.bytes, params.train)
     batch = params.train.batch_size
     described = (f"{arch.name} at {params.data.resolution} px, {report.precision.choice}, batch {batch}"
@@ -102,17 +103,17 @@ def _with_estimate(report: Report, params: Params) -> Report:
 def resolve_auto(arch: Architecture, work: Workload, budget: int, train: TrainParams) -> tuple[Workload, str]:
     """Decide `auto` as training will (checkpointing only when batch 1 does not fit without it) and predict the
     batch `auto` will measure its way to. Returns the workload at the first batch tried, and a note."""
-    limit = budget * PLAN_MARGIN
     notes = []
     if train.gradient_checkpointing == "auto":
         without = train_stage(arch, replace(work, checkpointing=False)).total
-        work = replace(work, checkpointing=without > limit)
+        work = fit.resolve_checkpointing(arch, work, budget)
         notes.append(f"gradient checkpointing {'on' if work.checkpointing else 'off'} (auto: batch "
                      f"{work.batch_size} needs {gib(without)} without it)")
     if train.batch_size == "auto":
         expected = largest_batch(arch, work, budget)
         notes.append(f"batch auto: about {expected} per step expected" if expected else
                      "batch auto: not even 1 per step is expected to fit")
+    notes.append(f"{work.attention} attention (train.attention: {train.attention})")
     return work, "; ".join(notes)
 
 
@@ -135,31 +136,29 @@ class Verdict:
 
 
 def verdicts(arch: Architecture, work: Workload, budget: int, machine: str) -> list[Verdict]:
-    """Each stage against the budget (train against the batch planner's 90 %), with advice where it is over
-    or tight."""
+    """Each stage against the budget (train against the batch planner's 90 %; render as it would render on this
+    budget), with advice where it is over or tight."""
     found = []
-    for stage in estimate(arch, work):
-        limit = _limit(stage.stage, budget)
-        fits, tight = stage.total <= limit, TIGHT * limit < stage.total <= limit
-        name, size = max(stage.parts.items(), key=lambda item: item[1]) if stage.parts else ("nothing", 0)
-        advice = advise(stage.stage, arch, work, budget, machine) if tight or not fits else []
-        found.append(Verdict(stage.stage, stage.total, fits, tight, f"{name} {gib(size)}", advice))
+    planned = {**{stage: work for stage in STAGES}, "render": render_plan(arch, work, budget)}
+    for stage, planned_work in planned.items():
+        estimate = STAGES[stage](arch, planned_work)
+        limit = fit.limit(stage, budget)
+        fits, tight = estimate.total <= limit, TIGHT * limit < estimate.total <= limit
+        name, size = max(estimate.parts.items(), key=lambda item: item[1]) if estimate.parts else ("nothing", 0)
+        advice = advise(stage, arch, work, budget, machine) if tight or not fits else []
+        found.append(Verdict(stage, estimate.total, fits, tight, f"{name} {gib(size)}", advice))
     return found
-
-
-def _limit(stage: str, budget: int) -> float:
-    return budget * PLAN_MARGIN if stage == "train" else budget
 
 
 def advise(stage: str, arch: Architecture, work: Workload, budget: int, machine: str) -> list[str]:
     """What to change in params.yaml, each with what the stage would then need (from this same estimate)."""
     advice = []
     for setting, changed in _changes(stage, work):
-        needs = STAGES[stage](arch, changed).total
-        verdict = "fits" if needs <= _limit(stage, budget) else "still over"
+        needs = fit.needs(arch, changed, (stage,), budget)[stage]
+        verdict = "fits" if needs <= fit.limit(stage, budget) else "still over"
         advice.append(f"{machine}: set {setting} ({stage} then needs {gib(needs)}, {verdict} the {gib(budget)} budget)")
     weights = sum(size for part, size in STAGES[stage](arch, work).parts.items() if "weights" in part)
-    if stage in ("train", "render") and weights > _limit(stage, budget):
+    if stage in ("train", "render") and weights > fit.limit(stage, budget):
         advice.append(f"{machine}: the {arch.name} weights alone exceed the budget; use a smaller base model (SD3.5 "
                       f"medium rather than large) or a machine with more memory")
     return advice
@@ -167,29 +166,38 @@ def advise(stage: str, arch: Architecture, work: Workload, budget: int, machine:
 
 def _changes(stage: str, work: Workload) -> list[tuple[str, Workload]]:
     """The params.yaml settings that shrink a stage, and the workload each leads to."""
-    half, render_half = _half(work.resolution), _half(work.render_resolution)
-    if stage == "encode":
-        found = [("encode.use_t5: false", replace(work, use_t5=False))] if work.use_t5 else []
-        if work.dtype_bytes == 4 and work.backend != "cpu":
-            found.append(("device.mixed_precision: auto", replace(work, dtype_bytes=2)))
-        return found
+    found = [(change.setting, change.work) for change in fit.changes(work, auto_checkpointing=False)
+             if change.stage == stage]
+    half, render_half = fit.half(work.resolution), fit.half(work.render_resolution)
+    if stage == "encode" and work.dtype_bytes == 4 and work.backend != "cpu":
+        found.append(("device.mixed_precision: auto", replace(work, dtype_bytes=2)))
     if stage == "latents":
-        return [(f"data.resolution: {half}", replace(work, resolution=half))]
+        found.append((f"data.resolution: {half}", replace(work, resolution=half)))
     if stage == "render":
-        return [(f"render.resolution: {render_half}", replace(work, render_resolution=render_half))]
-    found = [] if work.checkpointing else [("train.gradient_checkpointing: auto", replace(work, checkpointing=True))]
-    if work.batch_size > 1:
-        found.append(("train.batch_size: auto", replace(work, batch_size=1)))
-    if not work.quantized_base:
-        found.append(("train.quantize_base: int8", replace(work, quantized_base=True)))
-    smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
-    also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
-    return found + [(f"data.resolution: {half}{also}", smaller)]
+        found.append((f"render.resolution: {render_half}", replace(work, render_resolution=render_half)))
+    if stage == "train":
+        smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
+        also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
+        found.append((f"data.resolution: {half}{also}", smaller))
+    return found
 
 
-def _half(resolution: int) -> int:
-    """Half the resolution, kept a multiple of 16 (latent ×8, patch ×2) and at least 64."""
-    return max(64, resolution // 2 // 16 * 16)
+INT8_ON_MPS = ("on MPS an int8 base runs as plain MPS matmuls on weights dequantized per layer: optimum-quanto 0.2.7 "
+               "registers its MPS int8 kernel under another op name (quanto_py::qbytes_mm), so it never runs")
+
+
+def mac_table(params: Params | None, ram_sizes: tuple[int, ...]) -> str:
+    """`yem doctor --memory 16`: what a Mac of each size can train with this params.yaml (its rank, targets, T5
+    length and attention), for each SD3 model and resolution, and how long 500 steps take on each chip."""
+    base = footprint.workload(params, "mps", 2) if params else Workload(
+        backend="mps", dtype_bytes=2, resolution=1024, render_resolution=1024, batch_size=1, checkpointing=False,
+        rank=4, targets=4, use_t5=True, t5_tokens=77, attention="chunked", render_attention="chunked")
+    auto = params is None or params.train.gradient_checkpointing == "auto"
+    budgets = ", ".join(f"{gb} GB: {gib(memory_budget(apple.mac_readings(gb)).bytes)}" for gb in ram_sizes)
+    return (f"What a Mac can train: every stage within yem's memory budget ({budgets}), batch 1, rank "
+            f"{base.rank}, {base.attention} attention, gradient checkpointing as auto decides (ckpt); the "
+            f"settings named are the params.yaml changes it needs.\n\n"
+            + macs.markdown(macs.table(ram_sizes, base, auto)) + f"\nint8 base: {INT8_ON_MPS}.\n")
 
 
 def machine_label(readings: memory.Readings) -> str:
@@ -228,6 +236,7 @@ def _device_rows(report: Report) -> list[tuple[str, str]]:
             ("system", report.system), ("libraries", report.libraries), ("precision", probe)]
     if report.backend == "mps":
         rows.append(("CPU fallback", ", ".join(p.fallbacks) or "no op fell back to the CPU in the probe"))
+        rows.append(("int8 base", INT8_ON_MPS))
     return rows + [("thermal", report.thermal)]
 
 

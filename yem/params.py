@@ -78,6 +78,7 @@ class TrainParams:
     compile: bool | Auto  # torch.compile each transformer block; auto: on CUDA, for 400 steps or more
     saved_activations: float = rule(above=0, at_most=1)  # compiled blocks keep this share for backward
     quantize_base: Literal["none", "int8"]  # int8: the frozen transformer blocks' Linears in int8 (optimum-quanto)
+    attention: Literal["auto", "sdpa", "chunked"]  # chunked: no (T × T) scores kept; auto: chunked on MPS only
     weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"]
     logit_mean: float
     logit_std: float = rule(above=0)
@@ -112,6 +113,7 @@ class RenderParams:
     guidance_scale: float = rule(at_least=0)
     resolution: int | None = rule(at_least=64, at_most=4096, multiple_of=16)  # null: the training resolution
     checkpoints: list[int] = rule(each_at_least=1)  # steps of intermediate adapters to render as extra rows
+    attention: Literal["auto", "sdpa", "chunked"]  # as train.attention
     devices: int | Auto = rule(at_least=1)  # processes (GPUs) sharing the images; auto: all visible
 
 

@@ -1,5 +1,8 @@
 """SD3 prompt embeddings: CLIP-L, CLIP-G and T5, one encoder in memory at a time, cached per distinct text.
 
+Each encoder runs on the training device where yem's estimate puts it within the memory budget, else on the CPU
+(T5-XXL on a 8 GB Mac, say: 9 GiB in half precision), with a warning; never past either budget.
+
 SD3 conditions on two tensors per prompt:
   joint  (77 + T, D): CLIP-L and CLIP-G penultimate hidden states side by side (768 + 1280 = 2048 wide in SD3),
                       zero-padded to T5's width D (4096), followed by T5's T tokens (zeros without T5);
@@ -8,7 +11,7 @@ SD3 conditions on two tensors per prompt:
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -17,9 +20,13 @@ import torch.nn.functional as F
 
 from yem import atomic, progress
 from yem.data import cache
-from yem.hardware import device, fallbacks
+from yem.errors import HardwareError, YemError
+from yem.hardware import device, fallbacks, memory
+from yem.hardware.budget import memory_budget
+from yem.hardware.memory import gib
 from yem.hardware.record import Hardware
-from yem.model import sd3
+from yem.model import architecture, footprint, sd3
+from yem.model.architecture import Architecture
 from yem.params import EncodeParams, ModelParams, PromptParams
 
 CHUNK = 8  # prompts per encoder call: bounds activation memory for T5-XXL
@@ -73,29 +80,75 @@ class Truncation:
     tokens: int  # how many it had, special tokens included
 
 
-def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams, backend: device.Backend,
-                   dtype: torch.dtype, on_progress: Callable[[int], None] = lambda n: None
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one text encoder runs, and why there."""
+    device: str  # the training device, or "cpu"
+    dtype: torch.dtype
+    note: str | None  # a warning for the user when it is not the training device
+
+
+def placement(arch: Architecture, name: str, work: footprint.Workload, dtype: torch.dtype, device_budget: int,
+              cpu_budget: int) -> Placement:
+    """The training device in `dtype` where the encoder's estimate fits its budget; else the CPU in bfloat16 (T5's
+    own training precision, with fp32's range) where it fits the memory the CPU may use; else HardwareError."""
+    needs = footprint.encoder_estimate(arch, name, work).total
+    if needs <= device_budget:
+        return Placement(work.backend, dtype, None)
+    on_cpu = footprint.encoder_estimate(arch, name, replace(work, backend="cpu", dtype_bytes=2)).total
+    label = footprint.ENCODER_LABELS[name]
+    if work.backend != "cpu" and on_cpu <= cpu_budget:
+        return Placement("cpu", torch.bfloat16, f"{label} needs about {gib(needs)}, over the {gib(device_budget)} "
+                                                f"{work.backend} budget: it runs on the CPU in bf16 instead (slower; "
+                                                f"about {gib(on_cpu)} of RAM). Set encode.use_t5: false to skip T5.")
+    key = "encode.use_t5" if name == "t5" else "model.id"
+    raise HardwareError(f"{key}: {label} needs about {gib(needs)}, over the {gib(device_budget)} memory budget, "
+                        f"and about {gib(on_cpu)} on the CPU, over the {gib(cpu_budget)} it may use (got "
+                        f"{'true' if name == 't5' else arch.name}). Set encode.use_t5: false (SD3's T5-free mode), "
+                        f"or close other apps.")
+
+
+def place_encoders(model: ModelParams, settings: EncodeParams, hardware: Hardware) -> dict[str, Placement]:
+    """Each encoder the prompts need, placed (`placement`) by yem's estimate before it loads."""
+    names = ["clip_l", "clip_g"] + (["t5"] if settings.use_t5 else [])
+    dtype = hardware.torch_dtype
+    try:
+        arch = architecture.architecture_for(model.id, model.revision)
+    except YemError:  # a model yem cannot size: the training device, as before (loading it will explain)
+        return {name: Placement(hardware.backend, dtype, None) for name in names}
+    work = footprint.Workload(backend=hardware.backend, dtype_bytes=dtype.itemsize, resolution=64,
+                              render_resolution=64, batch_size=1, checkpointing=False, rank=1, targets=1,
+                              use_t5=settings.use_t5, t5_tokens=settings.max_sequence_length)
+    cpu_budget = memory_budget(memory.read("cpu")).bytes
+    return {name: placement(arch, name, work, dtype, hardware.budget_bytes, cpu_budget) for name in names}
+
+
+def encode_prompts(model: ModelParams, texts: list[str], settings: EncodeParams, places: dict[str, Placement],
+                   on_progress: Callable[[int], None] = lambda n: None
                    ) -> tuple[torch.Tensor, torch.Tensor, list[Truncation]]:
-    """Encode `texts`; returns joint (N, 77 + T, D), pooled (N, P) in fp32 on the CPU, and what was truncated."""
+    """Encode `texts`, one encoder in memory at a time, each where `places` puts it; returns joint (N, 77 + T, D),
+    pooled (N, P) in fp32 on the CPU, and what was truncated."""
     cuts: list[Truncation] = []
     clip_seqs, pooled = [], []
     for which in ("clip_l", "clip_g"):
-        tokenizer, encoder = sd3.load_text_encoder(model, which, dtype, backend)
+        where = places[which]
+        tokenizer, encoder = sd3.load_text_encoder(model, which, where.dtype, where.device)
         with fallbacks.sample(which):
-            seq, pool = _run_chunks(partial(_clip, tokenizer, encoder, backend=backend), texts, on_progress)
+            seq, pool = _run_chunks(partial(_clip, tokenizer, encoder, backend=where.device), texts, on_progress)
         cuts += _truncations(tokenizer, texts, tokenizer.model_max_length, which)
         clip_seqs.append(seq)
         pooled.append(pool)
         del tokenizer, encoder
-        device.empty_cache(backend)
+        device.empty_cache(where.device)
     if settings.use_t5:
-        tokenizer, encoder = sd3.load_text_encoder(model, "t5", dtype, backend)
+        where = places["t5"]
+        tokenizer, encoder = sd3.load_text_encoder(model, "t5", where.dtype, where.device)
         with fallbacks.sample("t5"):
-            (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length, backend),
-                                texts, on_progress)
+            (t5,) = _run_chunks(lambda chunk: _t5(tokenizer, encoder, chunk, settings.max_sequence_length,
+                                                  where.device), texts, on_progress)
         cuts += _truncations(tokenizer, texts, settings.max_sequence_length, "t5")
         del tokenizer, encoder
-        device.empty_cache(backend)
+        device.empty_cache(where.device)
     else:
         width = sd3.transformer_config(model)["joint_attention_dim"]
         t5 = torch.zeros(len(texts), settings.max_sequence_length, width)  # SD3's T5-free conditioning
@@ -175,10 +228,11 @@ def write_embeddings(model: ModelParams, prompts: PromptParams, settings: Encode
     """
     plan = plan_prompts(prompts, captions)
     keys, texts = list(plan.texts), list(plan.texts.values())
-    backend, dtype = hardware.backend, hardware.torch_dtype
-    encoders = 3 if settings.use_t5 else 2
-    with progress.bar(total=len(texts) * encoders, desc="encode", unit="prompt") as bar:
-        joint, pooled, cuts = encode_prompts(model, texts, settings, backend, dtype, bar.update)
+    places = place_encoders(model, settings, hardware)
+    for note in filter(None, (place.note for place in places.values())):
+        progress.note(note)
+    with progress.bar(total=len(texts) * len(places), desc="encode", unit="prompt") as bar:
+        joint, pooled, cuts = encode_prompts(model, texts, settings, places, bar.update)
     with atomic.staged_dir(out_dir) as staging:
         for i, (key, text) in enumerate(zip(keys, texts)):
             cache.write_tensors(staging / f"{key}.safetensors",

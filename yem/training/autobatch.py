@@ -9,7 +9,7 @@ import torch
 from yem.data import trainset
 from yem.data.trainset import TrainingSet
 from yem.hardware import device, peaks
-from yem.model import footprint
+from yem.model import attention, footprint
 from yem.model.architecture import Architecture
 from yem.params import TrainParams
 from yem.training import batching
@@ -17,14 +17,16 @@ from yem.training.objective import batch_loss
 
 
 def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Tensor, settings: TrainParams,
-         dtype: torch.dtype, budget: int | None, processes: int, draw_u,
-         arch: Architecture | None = None) -> batching.BatchPlan:
+         dtype: torch.dtype, budget: int | None, processes: int, draw_u, arch: Architecture | None = None,
+         work: footprint.Workload | None = None) -> batching.BatchPlan:
     """Batch, accumulation and checkpointing for this run; measured only where params say `auto` (and, for a
-    fixed batch, only where the estimate from `arch` does not settle it)."""
-    wanted = batching.BatchSettings.from_train(settings)
+    fixed batch, only where the estimate of `work` on `arch` does not settle it)."""
+    cap = batching.MAX_AUTO_BATCH if work is None else min(batching.MAX_AUTO_BATCH, largest_batch(arch, work))
+    wanted = batching.BatchSettings.from_train(settings, max_batch=cap)
     if settings.effective_batch_size:  # every process takes its share of the effective batch
         wanted = batching.BatchSettings(wanted.batch_size, wanted.accumulation,
-                                        max(1, settings.effective_batch_size // processes), wanted.checkpointing)
+                                        max(1, settings.effective_batch_size // processes), wanted.checkpointing,
+                                        cap)
     if budget is None:  # nothing to plan against: one image per step, checkpointing only if asked
         return batching.BatchPlan(1 if settings.batch_size == "auto" else settings.batch_size,
                                   wanted.effective or settings.gradient_accumulation,
@@ -46,10 +48,17 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
         finally:
             transformer.zero_grad(set_to_none=True)
 
-    estimated = None if arch is None else footprint.training_peak(
-        arch, settings, backend, dtype.itemsize, resolution=data.mean.shape[-1] * footprint.VAE_SCALE,
-        text_tokens=data.joint.shape[1], images=len(data.ids), prompts=len(data.joint))
+    estimated = None if arch is None or work is None else footprint.training_peak(arch, work)
     return batching.plan_batch(measure, budget, wanted, estimated)
+
+
+def largest_batch(arch: Architecture | None, work: footprint.Workload) -> int:
+    """The largest batch whose attention scores MPSGraph can hold, where SDPA materialises them in one tensor
+    (2³¹ elements: SD3 at 1024 px fails at batch 5); chunked attention sizes its chunks to any batch."""
+    if arch is None:
+        return batching.MAX_AUTO_BATCH
+    tokens = (work.resolution // footprint.VAE_SCALE // arch.patch_size) ** 2 + work.text_tokens
+    return attention.largest_sdpa_batch(work.attention, work.backend, arch.heads, tokens) or batching.MAX_AUTO_BATCH
 
 
 def set_checkpointing(transformer: torch.nn.Module, on: bool) -> None:

@@ -209,7 +209,7 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
              "learning_rate_scale": log.lr_scale, "os": device.os_name(),
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
-             "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs),
+             "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs), "attention": run.attention,
              # MPS ops that ran on the CPU (should be none), and their share of the sampled window's time
              "cpu_fallback_ops": fell_back.summary(), "cpu_fallback_share": fell_back.share}
     facts = {k: v for k, v in facts.items() if v is not None}  # DVC's metrics leave out nulls: so does the file

@@ -19,9 +19,9 @@ from yem.hardware import budget, device, memory
 from yem.hardware.record import Hardware
 from yem.hardware.thermal import sensor
 from yem.hardware.thermal.governor import Governor
-from yem.model import architecture, lora, sd3
+from yem.model import architecture, attention, footprint, lora, sd3
 from yem.params import ModelParams, ThermalParams, TrainParams
-from yem.training import autobatch, checkpoint, flow, objective, scaling
+from yem.training import autobatch, checkpoint, fit, flow, objective, scaling
 from yem.training.state import Run
 
 # torch.compile mode of the transformer blocks. On CUDA, CUDA graphs ("reduce-overhead") replay each block's
@@ -49,22 +49,35 @@ class Startup:
 
 def prepare(model: ModelParams, settings: TrainParams, hardware: Hardware, latents_dir: Path, embeds_dir: Path,
             project_root: Path, heat: ThermalParams, startup: Startup) -> Run:
-    """Load the cached data and the transformer for `model`, then assemble the run."""
+    """Load the cached data, check the run can fit the memory budget (before any weights load: yem.training.fit),
+    then load the transformer for `model` and assemble the run."""
     accelerator = make_accelerator(hardware.backend, heat)
     limit = budget.Budget(hardware.budget_bytes, "the hardware record's budget")
     progress.note(budget.apply_budget(limit, memory.read(hardware.backend)), prefix="memory")
+    data = trainset.load_training_set(latents_dir, embeds_dir, accelerator.device)
+    arch = model_architecture(model)
+    work = training_workload(settings, data, hardware.backend, hardware.torch_dtype, limit.bytes)
+    if arch is not None:
+        fit.check_training(arch, work, limit.bytes)
     transformer = sd3.quantize_frozen_base(sd3.load_transformer(model, hardware.torch_dtype, accelerator.device),
                                            settings.quantize_base)
-    data = trainset.load_training_set(latents_dir, embeds_dir, accelerator.device)
     startup.mark("loaded")
     run = assemble(accelerator, transformer, data, sd3.load_training_scheduler(model).sigmas, settings,
                    hardware.torch_dtype, heat,
                    run_dir=checkpoint.checkpoints_root(project_root) / run_fingerprint(
                        model, settings, hardware, latents_dir, embeds_dir, accelerator.num_processes),
-                   provenance=provenance(model, settings, latents_dir, embeds_dir), budget=limit.bytes,
-                   arch=model_architecture(model))
+                   provenance=provenance(model, settings, latents_dir, embeds_dir), budget=limit.bytes, arch=arch)
     startup.mark("assembled")
     return run
+
+
+def training_workload(settings: TrainParams, data: TrainingSet, backend: str, dtype: torch.dtype,
+                      memory_budget: int | None) -> footprint.Workload:
+    """What the estimate needs to know of this run: its settings, and the shapes of its cached data."""
+    return footprint.training_workload(settings, backend, dtype.itemsize,
+                                       resolution=data.mean.shape[-1] * footprint.VAE_SCALE,
+                                       text_tokens=data.joint.shape[1], images=len(data.ids),
+                                       prompts=len(data.joint), memory_budget=memory_budget)
 
 
 def model_architecture(model: ModelParams) -> architecture.Architecture | None:
@@ -97,11 +110,13 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
     backend = accelerator.device.type
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator (B starts at zero)
     params = lora.attach(transformer, settings.rank, settings.alpha, settings.targets)
+    kind = attention.use(transformer, settings.attention, backend, budget)
     transformer.train()
     draw_u = objective.timestep_density(settings, accelerator.device)
     sigma_table = sigma_table.to(accelerator.device, torch.float32)
+    work = training_workload(settings, data, backend, dtype, budget)
     plan = autobatch.plan(transformer, data, sigma_table, settings, dtype, budget, accelerator.num_processes, draw_u,
-                          arch)
+                          arch, work)
     autobatch.set_checkpointing(transformer, plan.checkpointing)
     graphs = compile_blocks(transformer, backend, settings)
     optimizer, fused = adamw(params, settings)
@@ -116,7 +131,8 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
                overflow_in_window=zero.clone(), scaler=scaling.make_scaler(backend, dtype),
                sensor=sensor.detect(backend),
                # on a CPU other processes swing step time far more than heat does: watch the sensor only
-               heat=Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"), graphs=graphs)
+               heat=Governor(heat.policy, heat.max_pause_s, watch_speed=backend != "cpu"), graphs=graphs,
+               attention=kind)
 
 
 def compile_blocks(transformer: torch.nn.Module, backend: str, settings: TrainParams) -> bool:

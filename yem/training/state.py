@@ -56,6 +56,7 @@ class Run:
     log: RunLog = dataclasses.field(default_factory=lambda: RunLog(dtype="float32"))
     swap: list[int] = dataclasses.field(default_factory=list)  # swap in use at each window's end (bytes)
     graphs: bool = False  # the compiled blocks replay CUDA graphs: each step must be marked as a new one
+    attention: str = "sdpa"  # what the transformer's attention runs (train.attention, resolved)
     initial: checkpoint.TrainingState | None = None  # the state at step 0, for a rollback with no checkpoint yet
 
 
