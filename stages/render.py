@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from stages import PathOption, hardware_option, params_option, reported
+from stages import PathOption, hardware_option, params_option, reported, show_notes
 from yem import atomic
 from yem.hardware import launch
 from yem.hardware.record import Hardware
-from yem.outputs.render import render_validation
+from yem.outputs.render import no_change_warning, render_validation
 from yem.params import load_params
 
 
@@ -31,6 +31,8 @@ def main(params_path: Path, hardware: Path, embeds: Path, lora_dir: Path, out: P
             index = render_validation(params.model, params.render, machine, embeds, lora_dir, staging)
             if index is not None:
                 atomic.write_json(staging / "index.json", index)
+    if index is not None:
+        show_notes(list(filter(None, [no_change_warning(index)])))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ per element of the chosen dtype):
   render   the transformer and the VAE at s + the larger of one transformer call (batch 2: classifier-free
            guidance) and one VAE decode
 
-Activation formula. With W = heads × head_dim, image tokens I = (resolution / 8 / patch)², text tokens
+Activation formula. With W = heads × head_dim, image tokens I = (H / 8 / patch)·(W / 8 / patch) for the
+largest aspect-ratio bucket H × W (resolution² for the square), text tokens
 X = 77 CLIP + encode.max_sequence_length T5 (zeros without T5, but still there), T = I + X, B = batch, L = layers;
 counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
 
@@ -45,6 +46,7 @@ activations in RSS (`ALLOCATOR_OVERHEAD`); the MPS and CUDA caches are covered b
 planner's margins.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -91,22 +93,30 @@ class Workload:
     quantized_base: bool = False  # train.quantize_base: int8
     images: int = 30
     prompts: int = 30
+    size: tuple[int, int] | None = None  # (height, width) px of the largest aspect-ratio bucket; None: the square
 
     @property
     def text_tokens(self) -> int:
         return CLIP_TOKENS + self.t5_tokens
 
+    @property
+    def pixels(self) -> tuple[int, int]:
+        """(height, width) of the largest image a training step sees."""
+        return self.size or (self.resolution, self.resolution)
 
-def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30) -> Workload:
-    """The workload of a params.yaml; auto settings start at batch 1 without checkpointing (see `resolve_auto`)."""
+
+def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30,
+             size: tuple[int, int] | None = None) -> Workload:
+    """The workload of a params.yaml; auto settings start at batch 1 without checkpointing (see `resolve_auto`).
+    `size`: the largest aspect-ratio bucket the photos train in, (height, width) px; None: the square."""
     train = params.train
     return Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=params.data.resolution,
                     render_resolution=params.render.resolution or params.data.resolution,
                     batch_size=1 if train.batch_size == "auto" else train.batch_size,
                     checkpointing=train.gradient_checkpointing is True, rank=train.rank, targets=len(train.targets),
                     use_t5=params.encode.use_t5, t5_tokens=params.encode.max_sequence_length,
-                    quantized_base=train.quantize_base == "int8", images=images,
-                    prompts=images + len(params.prompts.validation) + 1)
+                    quantized_base=train.quantize_base == "int8", images=images, size=size,
+                    prompts=images + len(params.prompts.validation_prompts()) + 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +148,14 @@ def encode_stage(arch: Architecture, work: Workload) -> StageEstimate:
 
 def latents_stage(arch: Architecture, work: Workload) -> StageEstimate:
     """The VAE encodes one image at a time, in fp32."""
-    pixels = work.resolution**2
-    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * pixels * 4, _vae_scores(work.resolution, work))
+    height, width = work.pixels
+    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * height * width * 4, _vae_scores(work.pixels, work))
     return StageEstimate("latents", {"VAE weights (fp32)": arch.vae_params * 4,
                                      "activations": _allocated(activations, work)})
 
 
 def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
-    latent = (work.resolution // VAE_SCALE) ** 2 * LATENT_CHANNELS * 4
+    latent = math.prod(side // VAE_SCALE for side in work.pixels) * LATENT_CHANNELS * 4  # the largest bucket's
     cached = work.images * 2 * latent + work.prompts * work.text_tokens * arch.joint_dim * 4  # means + stds, embeds
     return StageEstimate("train", {"transformer weights": training_weights(arch, work),
                                    "LoRA + AdamW": lora_params(arch, work) * LORA_BYTES_PER_PARAM,
@@ -153,15 +163,15 @@ def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
                                    "activations": _allocated(train_activations(arch, work), work)})
 
 
-def training_peak(arch: Architecture, train: TrainParams, backend: str, dtype_bytes: int, resolution: int,
+def training_peak(arch: Architecture, train: TrainParams, backend: str, dtype_bytes: int, size: tuple[int, int],
                   text_tokens: int, images: int, prompts: int) -> Callable[[int, bool], int]:
-    """peak(batch, checkpointing): the estimated bytes of one training step of this run, in the form the batch
-    planner measures it (yem.training.batching.Measure). `text_tokens` is the cached embeddings' length (77 CLIP
-    + T5)."""
-    work = Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=resolution, render_resolution=resolution,
+    """peak(batch, checkpointing): the estimated bytes of one training step of this run at its largest bucket
+    `size` (height, width px), in the form the batch planner measures it (yem.training.batching.Measure).
+    `text_tokens` is the cached embeddings' length (77 CLIP + T5)."""
+    work = Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=max(size), render_resolution=max(size),
                     batch_size=1, checkpointing=False, rank=train.rank, targets=len(train.targets), use_t5=True,
                     t5_tokens=text_tokens - CLIP_TOKENS, quantized_base=train.quantize_base == "int8",
-                    images=images, prompts=prompts)
+                    images=images, prompts=prompts, size=size)
     return lambda batch, checkpointing: train_stage(arch, replace(work, batch_size=batch,
                                                                   checkpointing=checkpointing)).total
 
@@ -175,10 +185,10 @@ def training_weights(arch: Architecture, work: Workload) -> float:
 
 
 def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
-    s, guided = work.dtype_bytes, replace(work, batch_size=2, resolution=work.render_resolution)
+    s, guided = work.dtype_bytes, replace(work, batch_size=2, resolution=work.render_resolution, size=None)
     transformer_call = RENDER_AT_DTYPE * sum(_units(arch, guided)) * s + RENDER_SCORES * _scores(arch, guided)
     decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * work.render_resolution**2 * 4,
-                 _vae_scores(work.render_resolution, work))
+                 _vae_scores((work.render_resolution, work.render_resolution), work))
     return StageEstimate("render", {"transformer + VAE weights": (arch.transformer_params + arch.vae_params) * s,
                                     "LoRA": lora_params(arch, work) * 4,
                                     "activations": _allocated(max(transformer_call, decode), work)})
@@ -201,8 +211,12 @@ def train_activations(arch: Architecture, work: Workload) -> float:
 
 def _units(arch: Architecture, work: Workload) -> tuple[int, int]:
     """Elements of the image and the text hidden states: (B·I·W, B·X·W)."""
-    image_tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2
-    return work.batch_size * image_tokens * arch.width, work.batch_size * work.text_tokens * arch.width
+    return work.batch_size * _image_tokens(arch, work) * arch.width, work.batch_size * work.text_tokens * arch.width
+
+
+def _image_tokens(arch: Architecture, work: Workload) -> int:
+    """Patches of the largest image: (H / 8 / patch) × (W / 8 / patch)."""
+    return math.prod(side // VAE_SCALE // arch.patch_size for side in work.pixels)
 
 
 def _scores(arch: Architecture, work: Workload, text: bool = True) -> float:
@@ -210,13 +224,13 @@ def _scores(arch: Architecture, work: Workload, text: bool = True) -> float:
     image-only second attention of MMDiT-X blocks."""
     if work.backend not in KEEPS_SCORES:
         return 0.0
-    tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2 + (work.text_tokens if text else 0)
+    tokens = _image_tokens(arch, work) + (work.text_tokens if text else 0)
     return work.batch_size * arch.heads * tokens**2 * SCORE_BYTES
 
 
-def _vae_scores(resolution: int, work: Workload) -> float:
-    """The VAE mid-block's single-head attention over (resolution / 8)² positions: scores and softmax."""
-    return 2 * (resolution // VAE_SCALE) ** 4 * SCORE_BYTES if work.backend in KEEPS_SCORES else 0.0
+def _vae_scores(size: tuple[int, int], work: Workload) -> float:
+    """The VAE mid-block's single-head attention over (H / 8)·(W / 8) positions: scores and softmax."""
+    return 2 * math.prod(side // VAE_SCALE for side in size) ** 2 * SCORE_BYTES if work.backend in KEEPS_SCORES else 0.0
 
 
 def _allocated(tensor_bytes: float, work: Workload) -> int:

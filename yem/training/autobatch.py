@@ -4,6 +4,8 @@ yem.training.batching decides from measured peaks; this module measures them on 
 forward and backward per candidate, no optimizer step, no training randomness consumed) and applies the decisions.
 """
 
+import math
+
 import torch
 
 from yem.data import trainset
@@ -21,14 +23,11 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
          arch: Architecture | None = None) -> batching.BatchPlan:
     """Batch, accumulation and checkpointing for this run; measured only where params say `auto` (and, for a
     fixed batch, only where the estimate from `arch` does not settle it)."""
-    wanted = batching.BatchSettings.from_train(settings)
-    if settings.effective_batch_size:  # every process takes its share of the effective batch
-        wanted = batching.BatchSettings(wanted.batch_size, wanted.accumulation,
-                                        max(1, settings.effective_batch_size // processes), wanted.checkpointing)
-    if budget is None:  # nothing to plan against: one image per step, checkpointing only if asked
-        return batching.BatchPlan(1 if settings.batch_size == "auto" else settings.batch_size,
-                                  wanted.effective or settings.gradient_accumulation,
-                                  settings.gradient_checkpointing is True, None, "no memory budget: batch as set")
+    wanted = batching.BatchSettings.from_train(settings, processes)  # every process takes its share
+    if budget is None:  # nothing to plan against: one image per forward pass, checkpointing only if asked
+        batch = 1 if settings.batch_size == "auto" else settings.batch_size
+        return batching.BatchPlan(batch, max(1, wanted.effective // batch), settings.gradient_checkpointing is True,
+                                  None, "no memory budget: batch as set")
     backend = sigma_table.device.type
     generator = torch.Generator(sigma_table.device)
 
@@ -36,8 +35,7 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
         set_checkpointing(transformer, checkpointing)
         device.empty_cache(backend)
         peaks.reset_peak(backend)
-        sample = trainset.micro_batch(data, 0, 0, 1, batch, settings.seed, settings.repeats,
-                                      settings.prior_loss_weight, draw_u, generator)
+        sample = trainset.largest_batch(data, batch, settings, draw_u, generator)
         try:
             with device.autocast(backend, dtype):
                 batch_loss(transformer, sample, sigma_table, settings, dtype, batch).backward()
@@ -47,7 +45,7 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
             transformer.zero_grad(set_to_none=True)
 
     estimated = None if arch is None else footprint.training_peak(
-        arch, settings, backend, dtype.itemsize, resolution=data.mean.shape[-1] * footprint.VAE_SCALE,
+        arch, settings, backend, dtype.itemsize, size=max((s.size for s in data.stacks), key=math.prod),
         text_tokens=data.joint.shape[1], images=len(data.ids), prompts=len(data.joint))
     return batching.plan_batch(measure, budget, wanted, estimated)
 

@@ -96,7 +96,7 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
 
     backend = accelerator.device.type
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator (B starts at zero)
-    params = lora.attach(transformer, settings.rank, settings.alpha, settings.targets)
+    params = lora.attach(transformer, settings.rank, settings.lora_alpha, settings.targets)
     transformer.train()
     draw_u = objective.timestep_density(settings, accelerator.device)
     sigma_table = sigma_table.to(accelerator.device, torch.float32)
@@ -161,21 +161,11 @@ def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: Hardwar
     split = ("checkpoint_every", "checkpoints_keep", "devices", "batch_size", "gradient_accumulation",
              "effective_batch_size")
     how = {k: v for k, v in dataclasses.asdict(settings).items() if k not in split}
-    how["effective_batch"] = effective_batch(settings, processes)
+    how["effective_batch"] = settings.effective_batch(processes)
     code = [Path(m.__file__) for m in (flow, lora, checkpoint, trainset, objective, loop, state)] + [Path(__file__)]
     inputs = [p for folder in (latents_dir, embeds_dir) for p in folder.rglob("*") if p.is_file()]
     return checkpoint.fingerprint({"model": dataclasses.asdict(model), "train": how,
                                    "hardware": dataclasses.asdict(hardware), "yem": __version__}, inputs + code)
-
-
-def effective_batch(settings: TrainParams, processes: int) -> int | str:
-    """Images per optimizer step as params fix it; with batch_size auto and no effective_batch_size it depends on
-    what fits, so only the same settings on the same number of processes count as the same run."""
-    if settings.effective_batch_size:
-        return settings.effective_batch_size
-    if settings.batch_size == "auto":
-        return f"auto × {settings.gradient_accumulation} × {processes} processes"
-    return settings.batch_size * settings.gradient_accumulation * processes
 
 
 def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, embeds_dir: Path) -> dict[str, str]:
@@ -185,4 +175,4 @@ def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, emb
     return {"yem.version": __version__, "yem.base_model": model.id, "yem.base_model_revision": model.revision or "",
             "yem.instance_prompt": cache.read_index(embeds_dir).get("instance", ""),
             "yem.resolution": str(cache.read_index(latents_dir)["resolution"]), "yem.rank": str(settings.rank),
-            "yem.alpha": str(settings.alpha)}
+            "yem.alpha": str(settings.lora_alpha)}
