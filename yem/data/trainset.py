@@ -13,6 +13,7 @@ coin follow its global position s·E + i: any step can be reproduced on its own,
 """
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class TrainingSet:
     pooled: torch.Tensor  # (E, P)
     empty: int | None  # the empty prompt's row in joint / pooled (caption dropout), if encode cached it
     prior: torch.Tensor  # (N,) bool, on the CPU: prior-preservation (class) image
+    _groups: dict = dataclasses.field(default_factory=dict, repr=False)  # populations(), worked out once
 
     def select(self, prior: bool) -> torch.Tensor:
         """(n,) indices of the instance (or class) samples, on the CPU: picking a batch never waits for the device."""
@@ -60,9 +62,11 @@ class TrainingSet:
 
     def populations(self, prior: bool) -> list[torch.Tensor]:
         """The instance (or class) samples of each bucket that has any, as (n_k,) indices in id order."""
-        chosen = self.select(prior)
-        groups = [chosen[self.bucket[chosen] == k] for k in range(len(self.stacks))]
-        return [group for group in groups if len(group)]
+        if prior not in self._groups:
+            chosen = self.select(prior)
+            groups = [chosen[self.bucket[chosen] == k] for k in range(len(self.stacks))]
+            self._groups[prior] = [group for group in groups if len(group)]
+        return self._groups[prior]
 
     def posterior(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of samples `index`, all of one bucket: each (n, 16, h, w)."""
@@ -127,9 +131,10 @@ def positions(population: torch.Tensor, seed: int, repeats: int, start: int, cou
     return torch.stack(picked), torch.stack(flips)
 
 
-def bucket_schedule(steps: list[int], seed: int, epoch: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)  # every micro-batch of a schedule epoch asks for the same one
+def bucket_schedule(steps: tuple[int, ...], seed: int, epoch: int) -> torch.Tensor:
     """The bucket of each step of one schedule epoch: bucket k for steps[k] of them, in a seeded order."""
-    order = torch.repeat_interleave(torch.arange(len(steps)), torch.tensor(steps))
+    order = torch.tensor([bucket for bucket, count in enumerate(steps) for _ in range(count)])
     if len(steps) == 1:
         return order  # one bucket: no draw, the steps run as they did before buckets
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) ^ SCHEDULE_SALT)
@@ -139,7 +144,7 @@ def bucket_schedule(steps: list[int], seed: int, epoch: int) -> torch.Tensor:
 def step_source(populations: list[torch.Tensor], seed: int, repeats: int, effective: int, step: int
                 ) -> tuple[int, int]:
     """Which bucket optimizer step `step` draws from, and how many steps that bucket served before it."""
-    steps = [math.ceil(len(p) * repeats / effective) for p in populations]
+    steps = tuple(math.ceil(len(p) * repeats / effective) for p in populations)
     epoch, offset = divmod(step, sum(steps))
     order = bucket_schedule(steps, seed, epoch)
     bucket = int(order[offset])
