@@ -85,16 +85,18 @@ def build_transformer(name: str, dtype: torch.dtype, device: str):
 
 
 def synthetic_set(count: int, resolution: int, device: str):
-    from yem.data.trainset import TrainingSet
+    """`count` random square latents in one bucket, each with its own random prompt."""
+    from yem.data.trainset import Stack, TrainingSet
 
     side = resolution // 8
     g = torch.Generator().manual_seed(0)
-    return TrainingSet(ids=[f"instance/{i}" for i in range(count)],
-                       mean=torch.randn(count, 16, side, side, generator=g).to(device),
-                       std=torch.full((count, 16, side, side), 0.05).to(device), flip_mean=None, flip_std=None,
+    stack = Stack(mean=torch.randn(count, 16, side, side, generator=g).to(device),
+                  std=torch.full((count, 16, side, side), 0.05).to(device), flip_mean=None, flip_std=None)
+    return TrainingSet(ids=[f"instance/{i}" for i in range(count)], stacks=[stack],
+                       bucket=torch.zeros(count, dtype=torch.long), slot=torch.arange(count),
                        prompt=torch.arange(count).to(device),
                        joint=torch.randn(count, TEXT_TOKENS, 4096, generator=g).to(device),
-                       pooled=torch.randn(count, 2048, generator=g).to(device),
+                       pooled=torch.randn(count, 2048, generator=g).to(device), empty=None,
                        prior=torch.zeros(count, dtype=torch.bool))
 
 
@@ -131,7 +133,8 @@ def make_step(args, variant: str, resolution: int, accelerator, dtype: torch.dty
             with torch.device(args.device):
                 vae = AutoencoderKL(**VAE).requires_grad_(False)  # fp32, as the example keeps it
             pixels = torch.rand(8, 3, resolution, resolution) * 2 - 1
-        run = reference_step.build(accelerator, transformer, args.targets, args.rank, data.mean, data.std,
+        run = reference_step.build(accelerator, transformer, args.targets, args.rank, data.stacks[0].mean,
+                                   data.stacks[0].std,
                                    data.joint.to(dtype), data.pooled.to(dtype), args.batch,
                                    variant == "reference+checkpointed", vae, pixels)
         return lambda number: reference_step.step(run, number)
@@ -291,7 +294,7 @@ def footprint_workload(settings, args, resolution: int):
     from yem.model import chunked, footprint
 
     backend = "mps" if args.mps_path else args.device
-    work = footprint.training_workload(settings, backend, getattr(torch, args.dtype).itemsize, resolution,
+    work = footprint.training_workload(settings, backend, getattr(torch, args.dtype).itemsize, (resolution, resolution),
                                        TEXT_TOKENS, images=8, prompts=8, memory_budget=mac_budget(args.mac_gb))
     return dataclasses.replace(work, batch_size=args.batch, attention=args.attention if args.attention != "auto"
                                else chunked.resolve("auto", args.device))

@@ -10,7 +10,7 @@ from stages import PathOption, hardware_option, log_option, params_option, repor
 from yem import atomic
 from yem.hardware import fallbacks, launch
 from yem.hardware.record import Hardware
-from yem.outputs.render import render_validation
+from yem.outputs.render import no_change_warning, render_validation
 from yem.params import load_params
 
 
@@ -34,7 +34,7 @@ def main(params_path: Path, hardware: Path, embeds: Path, lora_dir: Path, out: P
             if index is not None:
                 atomic.write_json(staging / "index.json", index)
     if launch.is_main_process():
-        show_notes(watch.report().note("render"))
+        show_notes([*watch.report().note("render"), *filter(None, [no_change_warning(index)])])
         atomic.write_json(log, watch.report().to_json())
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from stages import PathOption, hardware_option, params_option, reported
+from stages import PathOption, hardware_option, params_option, reported, show_notes
 from yem.hardware import launch
 from yem.hardware.record import Hardware
 from yem.params import load_params
@@ -35,6 +35,7 @@ def main(params_path: Path, hardware: Path, latents: Path, embeds: Path, out: Pa
         return  # not the main process: it writes nothing
     metrics.write_json(metrics_path, result.metrics())
     metrics.write_tsv(steps_log, result.rows)
+    show_notes(result.warnings)
 
 
 if __name__ == "__main__":

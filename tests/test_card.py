@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -28,7 +29,9 @@ TRAIN_METRICS = {"steps": 20, "loss_final": 0.41, "loss_best": 0.37, "heldout_lo
                  "heldout_loss_after": 0.44, "s_per_step": 0.25, "peak_memory_gib": 1.5, "wall_s": 3725.0,
                  "batch_size": 1, "gradient_accumulation": 2, "world_size": 1, "effective_batch_size": 2,
                  "gradient_checkpointing": False, "resumed_from_step": 0, "backend": "cpu", "dtype": "float32",
-                 "device_name": "Test CPU", "torch": "2.13.0", "resolution": 64}
+                 "device_name": "Test CPU", "torch": "2.13.0", "resolution": 64,
+                 "buckets": {"64×64": 2, "48×80": 1}, "lora_effect": "measurable", "lora_delta": 0.02,
+                 "heldout_change": -0.15}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +134,9 @@ def test_card_body_shows_images_that_exist_usage_and_training(dist):
     assert 'weight_name="pytorch_lora_weights.safetensors"' in text and "load_lora_weights" in text
     assert "yem-sd3-lora_comfyui.safetensors" in text and "LoraLoaderModelOnly" in text
     assert "| instance images | 3 |" in text and "| class (prior) images | 1 |" in text
-    assert "| rank / alpha | 4 / 8 |" in text and "| steps | 20 |" in text
+    assert "| rank / alpha | 4 / 8 (scale folded into the weights: the file records alpha = rank) |" in text
+    assert "| steps | 20 |" in text and "| aspect-ratio buckets (images) | 64×64 (2), 48×80 (1) |" in text
+    assert "does nothing" not in text
     assert "| batch × accumulation × devices | 1 × 2 × 1 |" in text
     assert "base / step 10 / lora" in text
     for row in ("| device | Test CPU (cpu, float32) |", "| seconds per step (median) | 0.25 |",
@@ -183,12 +188,24 @@ def test_push_offline_or_without_a_token_fails_with_one_line_saying_what_to_do(d
     assert nothing.returncode == 1 and "no model card here" in nothing.stderr
 
 
-def test_comfyui_advice_follows_alpha_when_only_the_diffusers_file_ships(run, params, tiny_model_dir, tmp_path):
+def test_comfyui_is_pointed_at_the_diffusers_file_whatever_alpha_when_only_it_ships(run, params, tiny_model_dir,
+                                                                                     tmp_path):
+    """yem's diffusers file carries its scale in B, so ComfyUI (which ignores the header) reads it right even for
+    alpha 8, rank 4: no need to ship the comfyui file."""
     root, _ = run
     settings = dataclasses.replace(params.export, formats=["diffusers"])
     text = write_card(params.model, params.train, settings, results(root), tmp_path / "alpha8").text
-    assert "add `comfyui` to `export.formats`" in text  # alpha 8, rank 4: ComfyUI would use scale 1, not 2
-    unit_scale = dataclasses.replace(results(root), lora=make_lora(
-        tiny_model_dir, tmp_path / "alpha4" / lora_file.WEIGHT_NAME, alpha=4.0))
-    text = write_card(params.model, params.train, settings, unit_scale, tmp_path / "dist4").text
     assert "copy `pytorch_lora_weights.safetensors` into `ComfyUI/models/loras/`" in text
+
+
+def test_a_lora_that_does_nothing_carries_a_warning_on_its_card(run, params, tmp_path):
+    root, validation = run
+    still = results(root, lora_effect="none", lora_delta=0.0, heldout_change=0.0)
+    text = write_card(params.model, params.train, params.export, still, tmp_path / "still").text
+    assert "> **Warning: this LoRA does nothing measurable**: its held-out loss changed by +0.000% and no " in text
+    same = tmp_path / "same-renders"
+    shutil.copytree(root / "validation", same)
+    (same / "index.json").write_text(json.dumps({**validation, "lora_change": 0.0, "lora_visible": False}))
+    text = write_card(params.model, params.train, params.export, dataclasses.replace(results(root), validation=same),
+                      tmp_path / "same").text
+    assert "Warning: this LoRA does nothing measurable**: its renders differ from the base model's by 0.00" in text

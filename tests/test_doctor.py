@@ -167,3 +167,26 @@ def test_the_readme_carries_the_table_yem_doctor_produces():
     _, text = mac_rows(*(str(gb) for gb in (8, 16, 24, 36, 48, 64, 128)))
     tables = text.split("\n\n", 1)[1].rsplit("\n\nint8 base", 1)[0]
     assert tables.strip() in (REPO / "README.md").read_text(), "README: paste `yem doctor --memory 8 ... 128`'s tables"
+def test_doctor_lists_the_buckets_the_photos_train_in(tmp_path, tiny_model_dir):
+    """Phone-shaped photos at 256 px on the tiny model: doctor names each bucket with its count (from the headers,
+    EXIF rotation included) and the photos cropped hard to the widest (or tallest) bucket."""
+    import shutil
+
+    from PIL import Image
+
+    from tests.conftest import REPO
+    from tests.images import toy_subject
+
+    (tmp_path / "photos").mkdir()
+    for name, size in {"a": (192, 256), "b": (180, 320), "c": (320, 240), "pano": (640, 160)}.items():
+        toy_subject(0, size).save(tmp_path / "photos" / f"{name}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown as a portrait
+    toy_subject(1, (320, 240)).save(tmp_path / "photos" / "turned.jpg", exif=exif.tobytes())
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    set_values(tmp_path / "params.yaml", {"data.instance_dir": "photos", "data.resolution": 256})
+    result = CliRunner().invoke(main, ["doctor", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    # at 256 px the tallest bucket is 3:5, so the 9:16 photo (b) is cropped to it too
+    assert ("  buckets      192×320: 3, 320×192: 2; cropped hard to the widest bucket: b.png, pano.png"
+            in result.output.splitlines())

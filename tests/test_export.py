@@ -56,6 +56,12 @@ def peft_deltas(path) -> dict[str, np.ndarray]:
             @ tensors[f"transformer.{name}.lora_A.weight"] for name in names}
 
 
+def test_yem_saves_the_scale_folded_into_b_and_keeps_the_trained_alpha_in_its_header(original):
+    config, header = lora_file.adapter_config(original), lora_file.read_metadata(original)
+    assert config["r"] == config["lora_alpha"] == RANK  # scale 1: what ComfyUI assumes without .alpha tensors
+    assert header["yem.alpha"] == str(ALPHA)
+
+
 @pytest.mark.parametrize("fmt", export.FORMATS)
 def test_each_format_reads_back_to_the_same_tensors_and_alpha(original, exported, fmt):
     before, _ = export.read(original)
@@ -63,7 +69,7 @@ def test_each_format_reads_back_to_the_same_tensors_and_alpha(original, exported
     assert sorted(after) == sorted(before)
     for name, module in before.items():
         assert np.array_equal(after[name].down, module.down) and np.array_equal(after[name].up, module.up), name
-        assert after[name].alpha == pytest.approx(ALPHA, rel=1e-6), name
+        assert after[name].alpha == pytest.approx(RANK, rel=1e-6), name  # the scale lives in up
     deltas = peft_deltas(original)
     for name, module in after.items():
         np.testing.assert_allclose(module.delta(), deltas[name], rtol=1e-6, atol=1e-9, err_msg=name)
@@ -84,7 +90,7 @@ def test_kohya_fuses_qkv_into_one_lora_with_the_same_scale(original, exported):
     down, up, alpha = (tensors[f"{key}.{part}"] for part in ("lora_down.weight", "lora_up.weight", "alpha"))
     hidden = up.shape[0] // 3
     assert down.shape == (3 * RANK, hidden) and up.shape == (3 * hidden, 3 * RANK)
-    assert alpha.shape == () and alpha.item() == 3 * ALPHA
+    assert alpha.shape == () and alpha.item() == 3 * RANK  # 3 · alpha of the (folded) source, whose alpha is r
     deltas = peft_deltas(original)
     fused = np.vstack([deltas[f"transformer_blocks.0.attn.to_{p}"] for p in "qkv"])
     # kohya and ComfyUI both scale by alpha / down.shape[0]
@@ -202,8 +208,10 @@ def comfy_view(original, tiny_model_dir):
     return key_map, offset, mmdit_rows, sai_deltas(patches, offset)
 
 
-@pytest.mark.parametrize("fmt", ["comfyui", "kohya"])
+@pytest.mark.parametrize("fmt", export.FORMATS)
 def test_comfyui_consumes_every_key_and_patches_the_same_weights(exported, comfy_view, fmt):
+    """ComfyUI's reading of each file (its scale: `.alpha` / rank when the tensor exists, else 1) gives the ΔW peft
+    reads from yem's diffusers file (header alpha / r): the diffusers file too, since its scale is in B."""
     key_map, offset, mmdit_rows, expected = comfy_view
     patches, ignored = comfy_patches(lora_file.read_tensors(exported[fmt]), key_map)
     assert not ignored, f"ComfyUI would log 'lora key not loaded' for {sorted(ignored)[:3]}"
@@ -215,12 +223,16 @@ def test_comfyui_consumes_every_key_and_patches_the_same_weights(exported, comfy
         np.testing.assert_allclose(got[sai], expected[sai], rtol=1e-6, atol=1e-9, err_msg=sai)
 
 
-def test_comfyui_misreads_the_plain_diffusers_file_when_alpha_differs_from_rank(exported, comfy_view):
-    """Why the comfyui format exists: without .alpha tensors ComfyUI uses scale 1.0 instead of alpha / r = 2."""
+def test_comfyui_would_misread_a_file_whose_scale_lives_only_in_its_header(original, comfy_view, tmp_path):
+    """Why the diffusers file carries its scale in B: a peft file with alpha ≠ rank in its header only (what
+    diffusers' saver writes as it is) reaches ComfyUI at scale 1, half the strength here."""
+    modules, metadata = export.read(original)
+    unfolded = {name: export.Module(m.down, m.up * RANK / ALPHA, ALPHA) for name, m in modules.items()}
+    export.write(unfolded, metadata, "comfyui", tmp_path / "header_only.safetensors")
+    tensors = {k: v for k, v in lora_file.read_tensors(tmp_path / "header_only.safetensors").items()
+               if not k.endswith(".alpha")}  # the file diffusers would write: alpha in the header alone
     key_map, offset, _, expected = comfy_view
-    patches, ignored = comfy_patches(lora_file.read_tensors(exported["diffusers"]), key_map)
-    got = sai_deltas(patches, offset)
-    assert not ignored
+    got = sai_deltas(comfy_patches(tensors, key_map)[0], offset)
     for sai in expected:
         np.testing.assert_allclose(got[sai] * ALPHA / RANK, expected[sai], rtol=1e-6, atol=1e-9, err_msg=sai)
 
@@ -251,6 +263,28 @@ def test_round_tripped_files_render_the_same_image(pipe, original, exported, tmp
     for fmt in export.FORMATS:
         back = export.convert(exported[fmt], "diffusers", tmp_path / fmt / lora_file.WEIGHT_NAME)
         np.testing.assert_allclose(render(pipe, back), reference, atol=1e-6, err_msg=fmt)
+
+
+def test_the_saved_file_changes_the_output_as_the_trained_adapter_does(pipe, tiny_model_dir, tmp_path):
+    """load_lora_weights of the folded file (alpha recorded = r) renders what the live adapter (alpha 8, r 4)
+    renders: folding moved the scale, not the change."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from yem.model import lora
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    lora.attach(transformer, RANK, ALPHA, ["attn.to_q", "attn.to_v", "ff.net.0.proj"])
+    generator = torch.Generator().manual_seed(1)
+    for name, parameter in transformer.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    saved = lora.save(transformer, tmp_path / lora_file.WEIGHT_NAME, PROVENANCE)
+    live = StableDiffusion3Pipeline.from_pretrained(tiny_model_dir, transformer=transformer, local_files_only=True)
+    live.set_progress_bar_config(disable=True)
+    expected = live("a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]  # (render() would unload the adapter)
+    assert np.abs(expected - render(pipe)).max() > 1e-3, "the adapter does not change the image: the test is moot"
+    np.testing.assert_allclose(render(pipe, saved), expected, atol=1e-5)
 
 
 def test_diffusers_refuses_alpha_tensors_so_the_default_file_has_none(pipe, exported):

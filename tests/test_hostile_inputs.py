@@ -26,8 +26,8 @@ from yem.params import DataParams, load_params
 
 
 def settings(folder: Path, resolution: int = 32, small_images: str = "upscale") -> DataParams:
-    return DataParams(instance_dir=str(folder), prior_dir=None, resolution=resolution, center_crop=True,
-                      random_flip=False, small_images=small_images)
+    return DataParams(instance_dir=str(folder), prior_dir=None, resolution=resolution, buckets="auto",
+                      center_crop=True, random_flip=False, small_images=small_images)
 
 
 def survey_error(folder: Path, **kwargs) -> str:
@@ -59,26 +59,27 @@ def test_a_missing_folder_a_file_and_an_empty_folder_are_refused(tmp_path):
 def test_a_folder_without_images_says_what_it_holds(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    (folder / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (folder / "IMG_0001.DNG").write_bytes(b"II*\x00")
     (folder / "notes.md").write_text("my dog")
     (folder / ".DS_Store").write_bytes(b"\x00")
     message = survey_error(folder)
-    assert message.startswith(f"data.instance_dir: no images in {folder} (got 2 other files: IMG_0001.HEIC, "
-                              f"notes.md). Add .bmp, .jpeg, .jpg, .png")
+    assert message.startswith(f"data.instance_dir: no images in {folder} (got 2 other files: IMG_0001.DNG, "
+                              f"notes.md). Add .bmp, .heic, .heif, .jpeg, .jpg, .png")
 
 
 def test_files_that_are_not_images_are_skipped_with_a_note(tmp_path):
     folder = photos(tmp_path / "photos", "dog.png")
     (folder / "readme.md").write_text("hello")
-    (folder / "IMG_0002.heic").write_bytes(b"heic")
+    (folder / "IMG_0002.nef").write_bytes(b"raw")
     (folder / "more").mkdir()
     (folder / "orphan.txt").write_text("a caption whose image is gone")
     (folder / ".DS_Store").write_bytes(b"\x00")
     found = samples.discover(folder, "instance", "data.instance_dir")
     assert [s.id for s in found.samples] == ["instance/dog"]
     assert sorted(found.notes) == sorted([
-        f"{folder / 'readme.md'}: skipped, not an image (.bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp).",
-        f"{folder / 'IMG_0002.heic'}: skipped, HEIC cannot be read. Export it as JPEG or PNG to use it.",
+        f"{folder / 'readme.md'}: skipped, not an image (.bmp, .heic, .heif, .jpeg, .jpg, .png, .tif, .tiff, "
+        f".webp).",
+        f"{folder / 'IMG_0002.nef'}: skipped, camera raw cannot be read. Export it as JPEG or PNG to use it.",
         f"{folder / 'more'}: skipped, a folder (images in subfolders are not used). Move them up to use them.",
         f"{folder / 'orphan.txt'}: caption with no image named orphan.*; ignored. Rename it after its image, or "
         f"remove it.",
@@ -232,10 +233,10 @@ def test_small_images_are_upscaled_with_a_note_or_refused(tmp_path):
     corpus.photo(folder / "tiny.png", (40, 30))
     corpus.photo(folder / "big.png", (64, 64))
     _, notes = survey(settings(folder, resolution=48), tmp_path)
-    assert notes == [f"{folder / 'tiny.png'}: smaller than data.resolution 48 (got 40×30); upscaled, so it trains "
+    assert notes == [f"{folder / 'tiny.png'}: smaller than its 48×48 bucket (got 40×30); upscaled, so it trains "
                      f"soft. Use a larger image, or set data.small_images: refuse to stop on such images."]
     assert survey_error(folder, resolution=48, small_images="refuse") == (
-        f"{folder / 'tiny.png'}: smaller than data.resolution 48 (got 40×30). Use a larger image, lower "
+        f"{folder / 'tiny.png'}: smaller than its 48×48 bucket (got 40×30). Use a larger image, lower "
         f"data.resolution, or set data.small_images: upscale.")
 
 
@@ -418,9 +419,9 @@ def test_a_caption_longer_than_the_token_limit_is_truncated_with_a_warning_namin
 
 @pytest.mark.parametrize("old, new, problem", [
     ("encode:\n  use_t5: true", "encode: 5\nunused:\n  use_t5: true", "encode: expected a mapping of keys"),
-    ("  validation:\n    - a photo of sks dog\n", "  validation: null\n  unused:\n    - a photo of sks dog\n",
-     "prompts.validation: expected a list of (a string) (got None)."),
-    ("    - a photo of sks dog in a bucket", "    - 42", "prompts.validation: expected a list of (a string)"),
+    ("  validation: null ", "  validation: a photo of sks dog ",
+     "prompts.validation: expected a list of (a string) or null (got 'a photo of sks dog')."),
+    ("  validation: null ", "  validation: [42] ", "prompts.validation: expected a list of (a string) or null"),
     ("  rank: 4 ", "  rank: 4\n  rank: 8 ", "found duplicate key \"rank\""),
     ("resolution: 128 ", "resolution: 100 ", "data.resolution: must be a multiple of 16 (latent ×8, patch ×2) "
                                              "(got 100). Use 96 or 112."),

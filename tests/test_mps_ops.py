@@ -197,25 +197,29 @@ def yem(tiny_model_dir):
 
 
 def training_set(latent: int = 8, tokens: int = 77 + 8):
-    """Two cached samples as the loop holds them: 8×8 latents (64 px), 77 CLIP + 8 T5 tokens of the tiny SD3."""
-    from yem.data.trainset import TrainingSet
+    """Two cached samples as the loop holds them, in one bucket: 8×8 latents (64 px), 77 CLIP + 8 T5 tokens of the
+    tiny SD3."""
+    from yem.data.trainset import Stack, TrainingSet
 
     g = torch.Generator().manual_seed(0)
-    return TrainingSet(ids=["instance/a", "instance/b"], mean=torch.randn(2, 16, latent, latent, generator=g),
-                       std=torch.rand(2, 16, latent, latent, generator=g), flip_mean=None, flip_std=None,
-                       prompt=torch.tensor([0, 0]), joint=torch.randn(1, tokens, 128, generator=g),
-                       pooled=torch.randn(1, 96, generator=g), prior=torch.tensor([False, False]))
+    stack = Stack(mean=torch.randn(2, 16, latent, latent, generator=g),
+                  std=torch.rand(2, 16, latent, latent, generator=g), flip_mean=None, flip_std=None)
+    return TrainingSet(ids=["instance/a", "instance/b"], stacks=[stack], bucket=torch.tensor([0, 0]),
+                       slot=torch.tensor([0, 1]), prompt=torch.tensor([0, 0]),
+                       joint=torch.randn(1, tokens, 128, generator=g), pooled=torch.randn(1, 96, generator=g),
+                       empty=None, prior=torch.tensor([False, False]))
 
 
 def train_step(params, transformer: torch.nn.Module, dtype: torch.dtype, checkpointing: bool, tmp_path,
-               as_on_mps: bool = True) -> OpRecorder:
+               as_on_mps: bool = True, attention: str = "sdpa") -> OpRecorder:
     """yem's own optimizer step (yem.training.loop.update: micro-batch, loss, scaled backward in fp16, clipping,
-    fused AdamW told which steps to skip, loss-scale update) on a run set up by yem.training.setup."""
+    fused AdamW told which steps to skip, loss-scale update) on a run set up by yem.training.setup; `attention`
+    as train.attention sets it (chunked: what auto runs on MPS)."""
     from yem.model import sd3
     from yem.training import loop, setup
 
     settings = dataclasses.replace(params.train, batch_size=1, gradient_accumulation=1, compile=False,
-                                   gradient_checkpointing=checkpointing)
+                                   gradient_checkpointing=checkpointing, attention=attention)
     run = setup.assemble(setup.make_accelerator("cpu", params.thermal), transformer, training_set(),
                          sd3.load_training_scheduler(params.model).sigmas, settings, dtype, params.thermal,
                          run_dir=tmp_path, provenance={})
@@ -225,16 +229,17 @@ def train_step(params, transformer: torch.nn.Module, dtype: torch.dtype, checkpo
     return recorder
 
 
-@pytest.mark.parametrize("dtype, checkpointing", [(torch.float16, False), (torch.bfloat16, True)],
-                         ids=["fp16-scaled", "bf16-checkpointing"])
-def test_training_step(yem, dtype, checkpointing, tmp_path):
+@pytest.mark.parametrize("dtype, checkpointing, attention", [(torch.float16, False, "chunked"),
+                                                              (torch.bfloat16, True, "sdpa")],
+                         ids=["fp16-scaled-chunked", "bf16-checkpointing-sdpa"])
+def test_training_step(yem, dtype, checkpointing, attention, tmp_path):
     from yem.model import sd3
 
     transformer = sd3.load_transformer(yem.model, dtype, "cpu")
-    recorder = train_step(yem, transformer, dtype, checkpointing, tmp_path)
+    recorder = train_step(yem, transformer, dtype, checkpointing, tmp_path, attention=attention)
     assert_runs_on_mps(recorder)
     ops = recorder.ops()
-    assert {"aten::_fused_adamw_", "aten::_softmax_backward_data", "aten::linalg_vector_norm"} <= ops
+    assert {"aten::_fused_adamw_", "aten::linalg_vector_norm"} <= ops
     assert not any(op.startswith("aten::_foreach_norm") for op in ops)  # MPS clips tensor by tensor
     scaling = {"aten::_amp_foreach_non_finite_check_and_unscale_", "aten::_amp_update_scale_"}
     assert scaling <= ops if dtype == torch.float16 else not scaling & ops
@@ -309,21 +314,24 @@ def test_text_encoders(yem):
 
 
 def test_render(yem):
-    from types import SimpleNamespace
-
-    from yem.model import sd3
+    """Two images in one call, as render does where the budget allows, with the attention auto runs on MPS."""
+    from yem.model import attention, footprint, sd3
     from yem.outputs import render
 
     dtype = torch.float16
     pipeline = sd3.load_render_pipeline(yem.model, dtype, "cpu")
+    attention.use(pipeline.transformer, "chunked", "mps", None)
     g = torch.Generator().manual_seed(0)
     condition = {"prompt_embeds": torch.randn(1, 85, 128, generator=g),
                  "pooled_prompt_embeds": torch.randn(1, 96, generator=g),
                  "negative_prompt_embeds": torch.zeros(1, 85, 128), "negative_pooled_prompt_embeds": torch.zeros(1, 96)}
     settings = dataclasses.replace(yem.render, steps=2, guidance_scale=5.0)
+    plan = footprint.Workload(backend="mps", dtype_bytes=2, resolution=64, render_resolution=64, batch_size=1,
+                              checkpointing=False, rank=1, targets=1, use_t5=False, t5_tokens=8, render_images=2)
     with recording(sites=True) as recorder:
-        image = render._render(pipeline, condition, 0, settings, 64, dtype, SimpleNamespace(update=lambda: None))
-    assert image.size == (64, 64)
+        images = render.render_batch(pipeline, [{"condition": condition, "seed": seed} for seed in (0, 1)], settings,
+                                     plan, dtype)
+    assert [image.size for image in images] == [(64, 64)] * 2
     notes = [f for f in assert_runs_on_mps(recorder) if not f.fails]
     # the scheduler's sigmas: torch.from_numpy(float64).to(device, float32), cast on the CPU
     assert {f.op for f in notes} <= {"aten::lift_fresh", "aten::_to_copy"}

@@ -10,11 +10,12 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from tests.conftest import make_project, run
+from yem.model import lora_file
 from yem.outputs.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
 from yem.params import set_values
 
 pytestmark = pytest.mark.pipeline
-PROMPT = "a photo of sks dog"
+PROMPT = "a photo of zwx cat"  # the repository's params.yaml holds no prompt about this subject
 ALWAYS = {"preflight"}  # the probe runs on every repro by design; its outputs decide what else reruns
 
 
@@ -32,8 +33,7 @@ def project(tmp_path_factory, tiny_model_dir):
     set_values(folder / "params.yaml", {"render.steps": 2, "render.seeds": [0], "train.checkpoint_every": 10,
                                         "export.formats": ["diffusers", "comfyui", "kohya"]})
     result = run([sys.executable, "-m", "yem", "train", "--model", "tiny", "--data", "data/instance", "--prompt",
-                  PROMPT, "--resolution", "64", "--batch-size", "auto", "--steps", "30", "--validation-prompt",
-                  "a sks dog on the moon", "--output", "result"], folder)
+                  PROMPT, "--resolution", "64", "--batch-size", "auto", "--steps", "30", "--output", "result"], folder)
     assert ran(result) == {"preflight", "encode", "latents", "train", "render", "card"}
     return folder
 
@@ -55,9 +55,9 @@ def test_one_liner_produces_every_artefact(project):
     assert metrics["steps"] == 30 and metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
     assert len((project / "metrics/train_steps.tsv").read_text().splitlines()) == 31
     validation = json.loads((project / "build/validation/index.json").read_text())
-    assert validation["rows"] == ["base", "lora"] and len(validation["cells"]) == 1  # 1 prompt × 1 seed
+    assert validation["rows"] == ["base", "lora"] and len(validation["cells"]) == 2  # 2 derived prompts × 1 seed
     grid = Image.open(project / "build/validation/grid.png")
-    assert grid.size == (ROW_LABEL_WIDTH + GRID_CELL, LABEL_HEIGHT + 2 * GRID_CELL)
+    assert grid.size == (ROW_LABEL_WIDTH + 2 * GRID_CELL, LABEL_HEIGHT + 2 * GRID_CELL)
     for folder in (project / "dist", project / "result"):
         card = ModelCard.load(folder / "README.md")
         assert card.data.instance_prompt == PROMPT and "tiny" in card.text
@@ -73,13 +73,23 @@ def test_one_liner_produces_every_artefact(project):
     assert "| CPU fallbacks in training | none |" in ModelCard.load(project / "dist/README.md").text
 
 
+def test_validation_follows_the_one_liners_prompt(project):
+    """Only --prompt given: every rendered prompt and every card widget is about the new subject."""
+    prompts = [cell["prompt"] for cell in json.loads((project / "build/validation/index.json").read_text())["cells"]]
+    assert prompts == [PROMPT, f"{PROMPT}, on a beach at sunset"]
+    widgets = ModelCard.load(project / "dist/README.md").data.widget
+    assert len(widgets) == 2 and all("zwx cat" in widget["text"] for widget in widgets)
+
+
 def test_second_repro_runs_nothing_but_the_probe(project):
     assert repro(project) == ALWAYS
 
 
-def test_rank_change_reruns_only_train_render_card(project):
-    set_values(project / "params.yaml", {"train.rank": 8, "train.alpha": 8})
+def test_rank_change_reruns_only_train_render_card_and_alpha_follows(project):
+    set_values(project / "params.yaml", {"train.rank": 8})  # what `dvc exp run -S train.rank=8` writes
     assert repro(project) - ALWAYS == {"train", "render", "card"}
+    header = lora_file.read_metadata(project / "build/lora/pytorch_lora_weights.safetensors")
+    assert header["yem.rank"] == "8" and header["yem.alpha"] == "8.0"  # alpha: null follows the rank
 
 
 def test_editing_one_image_reruns_latents_and_later_but_not_encode(project):

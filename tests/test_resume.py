@@ -361,3 +361,30 @@ def test_growing_swap_backs_the_batch_off_like_an_out_of_memory_error(cached_pro
     metrics = result.metrics()
     assert metrics["memory_backoffs"] >= 1 and metrics["batch_size"] < 4
     assert metrics["effective_batch_size"] == 4
+
+
+def test_batch_auto_on_two_memory_budgets_trains_the_same_lora(cached_project, monkeypatch):
+    """The effective batch comes from params: a large budget runs it as 4 × 1, a small one as 2 × 2 (or 1 × 4);
+    the LoRA is the same within float rounding. Memory is faked: a step's peak is 1 GiB per image."""
+    import yem.training.autobatch
+    from yem.data import trainset
+
+    sizes, real = [], trainset.largest_batch
+
+    def recording(data, size, *args):
+        sizes.append(size)
+        return real(data, size, *args)
+
+    monkeypatch.setattr(yem.training.autobatch.trainset, "largest_batch", recording)
+    monkeypatch.setattr(yem.training.autobatch.peaks, "peak_bytes", lambda backend: sizes[-1] * 2**30)
+    root, params, hardware = cached_project
+    plans = {}
+    for name, gib in (("roomy", 16.0), ("tight", 2.5)):
+        chosen = settings(cached_project, batch_size="auto", effective_batch_size=4, gradient_checkpointing=False,
+                          steps=6)
+        result = run_training(params.model, chosen, dataclasses.replace(hardware, memory_budget_gib=gib),
+                              root / "latents", root / "embeds", root / f"budget-{name}", root)
+        plans[name] = (result.batch_size, result.gradient_accumulation)
+    assert plans == {"roomy": (4, 1), "tight": (2, 2)}
+    a, b = weights(root / "budget-roomy"), weights(root / "budget-tight")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only the order of sums differs

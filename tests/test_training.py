@@ -51,12 +51,13 @@ def test_saved_lora_loads_in_diffusers_changes_output_and_keeps_alpha(project, t
     root = project[0]
     train(project, "lora-alpha", steps=20, rank=4, alpha=8.0)
     weights = root / "lora-alpha" / lora_file.WEIGHT_NAME
-    assert lora_file.adapter_config(weights)["lora_alpha"] == 8.0
+    assert lora_file.adapter_config(weights)["lora_alpha"] == 4  # the scale 8 / 4 is folded into B
+    assert lora_file.read_metadata(weights)["yem.alpha"] == "8.0"  # the alpha it was trained with
     assert lora_file.read_metadata(weights)["yem.base_model"] == "tiny"
 
     pipe, change = render_change(tiny_model_dir, weights)
     layer = pipe.transformer.transformer_blocks[0].attn.to_q
-    assert layer.scaling["default_0"] == pytest.approx(8.0 / 4)  # alpha / rank survived the round trip
+    assert layer.scaling["default_0"] == pytest.approx(1.0)  # every loader applies B as it is
     assert change > 1e-3, "the LoRA did not change the image"
 
 
@@ -104,3 +105,38 @@ def test_compile_auto_compiles_only_long_runs_on_cuda(project):
     assert not compiles(long, "mps") and not compiles(long, "cpu")
     assert compiles(dataclasses.replace(short, compile=True), "cpu")  # as set, whatever the length
     assert not compiles(dataclasses.replace(long, compile=False), "cuda")
+
+
+def test_a_lora_that_learned_nothing_is_reported_by_train_and_render(project):
+    """Learning rate 0: the weights never move from their initial values (B = 0), the held-out loss is unchanged,
+    and the renders match the base model's; train and render each say so in one line."""
+    from PIL import Image
+
+    from yem.outputs.render import lora_change, no_change_warning
+
+    still = train(project, "lora-still", steps=4, learning_rate=0.0)
+    metrics = still.metrics()
+    assert metrics["lora_effect"] == "none" and metrics["lora_delta"] == 0 and metrics["heldout_change"] == 0
+    assert len(still.warnings) == 1 and still.warnings[0].startswith("train: the LoRA's weights never moved")
+    learned = train(project, "lora-moved", steps=4, learning_rate=2e-3)
+    assert learned.metrics()["lora_effect"] == "measurable" and not learned.warnings
+    assert learned.metrics()["lora_delta"] > 1e-4
+
+    same = [Image.new("RGB", (8, 8), (90, 120, 30))] * 2
+    index = lora_change(same, same)
+    assert index == {"lora_change": 0.0, "lora_visible": False}
+    assert no_change_warning(index).startswith("render: the LoRA renders are the same as the base model's")
+    changed = lora_change(same, [Image.new("RGB", (8, 8), (95, 120, 30))] * 2)
+    assert changed["lora_visible"] and no_change_warning(changed) is None
+
+
+def test_caption_dropout_trains_a_different_lora(project):
+    """caption_dropout 0.5 trains some samples on the empty prompt, so its LoRA differs from the plain run's (that 0
+    draws no coin and keeps every batch as it was is checked on the batches, in tests/test_pairing.py)."""
+    from safetensors.torch import load_file
+
+    root = project[0]
+    train(project, "dropout-0", steps=6, caption_dropout=0.0)
+    train(project, "dropout-half", steps=6, caption_dropout=0.5)
+    zero, half = (load_file(root / name / lora_file.WEIGHT_NAME) for name in ("dropout-0", "dropout-half"))
+    assert any(not torch.equal(zero[k], half[k]) for k in zero)

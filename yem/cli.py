@@ -16,8 +16,10 @@ from yem import paths
 from yem.errors import YemError
 
 # When a real model replaces the tiny demo model, keys the user did not set take values suited to SD3.
+# data.resolution becomes the model's own (its config's sample_size × 8) unless --resolution is given.
 REAL_MODEL_DEFAULTS = {"train.learning_rate": 1e-4, "train.steps": 500, "render.steps": 28,
                        "render.guidance_scale": 7.0}
+NATIVE_RESOLUTION = 1024  # every SD3 and SD3.5 model: what a model yem cannot read the config of trains at
 
 
 class Commands(click.Group):
@@ -49,14 +51,15 @@ def _batch_size(value: str) -> int | str:
 @click.option("--model", help="SD3 model: a hub id, a local diffusers folder, or 'tiny' (offline demo)")
 @click.option("--data", type=click.Path(path_type=Path), help="folder of your photos (+ same-name .txt captions)")
 @click.option("--prompt", help="instance prompt with a trigger word, e.g. 'a photo of sks dog'")
-@click.option("--resolution", type=int, help="training resolution in pixels (1024 for SD3)")
+@click.option("--resolution", type=int, help="training resolution in pixels (default: the model's own, 1024 for SD3)")
 @click.option("--batch-size", callback=lambda ctx, p, v: None if v is None else _batch_size(v),
               help="images per step, or 'auto' to pick the largest that fits")
 @click.option("--steps", type=int, help="optimizer steps")
 @click.option("--rank", type=int, help="LoRA rank (alpha follows it unless --alpha is given)")
 @click.option("--alpha", type=float, help="LoRA alpha (scale = alpha / rank)")
 @click.option("--lr", type=float, help="learning rate")
-@click.option("--validation-prompt", multiple=True, help="a prompt to render; repeat for several")
+@click.option("--validation-prompt", multiple=True,
+              help="a prompt to render; repeat for several (default: derived from --prompt)")
 @click.option("--output", type=click.Path(path_type=Path), help="copy the result (dist/) into this folder")
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
 def train(model, data, prompt, resolution, batch_size, steps, rank, alpha, lr, validation_prompt, output,
@@ -70,20 +73,36 @@ def train(model, data, prompt, resolution, batch_size, steps, rank, alpha, lr, v
                        f"path/to/params.yaml.")
     explicit = {"model.id": model, "data.instance_dir": _portable(data, project), "prompts.instance": prompt,
                 "data.resolution": resolution, "train.batch_size": batch_size, "train.steps": steps,
-                "train.rank": rank, "train.alpha": alpha if alpha is not None else rank,
-                "train.learning_rate": lr, "prompts.validation": list(validation_prompt) or None}
+                "train.rank": rank, "train.alpha": alpha, "train.learning_rate": lr,
+                "prompts.validation": list(validation_prompt) or None}
     updates = {key: value for key, value in explicit.items() if value is not None}
+    if rank is not None and alpha is None:
+        updates["train.alpha"] = None  # null: alpha follows the rank
+    if prompt is not None and not validation_prompt:
+        updates["prompts.validation"] = None  # null: rendered prompts follow the new instance prompt
     if model not in (None, "tiny"):
-        updates = {**{k: v for k, v in REAL_MODEL_DEFAULTS.items() if k not in updates}, **updates}
+        defaults = {**REAL_MODEL_DEFAULTS, "data.resolution": _native_resolution(model)}
+        updates = {**{k: v for k, v in defaults.items() if k not in updates}, **updates}
     if updates:
         set_values(params_path, updates)
         for key, value in updates.items():
-            click.echo(f"params.yaml {key}: {value}", err=True)
+            click.echo(f"params.yaml {key}: {'null' if value is None else value}", err=True)
     load_params(params_path)
     _repro(project)
     if output:
         shutil.copytree(project / paths.DIST, output, dirs_exist_ok=True)
         click.echo(f"result copied to {output}", err=True)
+
+
+def _native_resolution(model_id: str) -> int:
+    """The resolution `model_id` was trained at, from its config (downloaded or local) or yem's table of SD3 models,
+    without loading weights; SD3's 1024 px for one yem cannot see yet."""
+    from yem.model.architecture import architecture_for
+
+    try:
+        return architecture_for(model_id).native_resolution
+    except YemError:
+        return NATIVE_RESOLUTION
 
 
 def _portable(folder: Path | None, project: Path) -> str | None:

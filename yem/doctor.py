@@ -7,11 +7,14 @@ against the budget, with the params.yaml change that would make a stage fit. `ga
 advice lives here, not beside the estimate, so rewording it reruns no pipeline stage.
 """
 
+import math
 import os
 import platform
 from dataclasses import dataclass, replace
 from importlib import metadata
 
+from yem.data.buckets import Bucket
+from yem.data.preflight import bucket_survey
 from yem.errors import YemError
 from yem.hardware import apple, device, environment, fallbacks, memory, precision
 from yem.hardware.budget import Budget, memory_budget
@@ -52,6 +55,7 @@ class Report:
     stages: tuple["Verdict", ...]
     train_note: str  # how auto checkpointing / batch would go
     problem: str | None  # why there is no estimate
+    buckets: str = ""  # the aspect-ratio buckets the photos will train in, and how many each holds
 
 
 def gather(params: Params | None) -> Report:
@@ -91,13 +95,29 @@ def _with_estimate(report: Report, params: Params) -> Report:
         arch = architecture.architecture_for(params.model.id, params.model.revision)
     except YemError as e:
         return replace(report, problem=str(e))
-    work = footprint.workload(params, report.backend, itemsize, budget=report.budget.bytes)
+    sizes, buckets = bucket_line(params, arch)
+    work = footprint.workload(params, report.backend, itemsize, budget=report.budget.bytes,
+                              size=max(sizes, key=math.prod, default=None))
     work, note = resolve_auto(arch, work, report.budget.bytes, params.train)
     batch = params.train.batch_size
     described = (f"{arch.name} at {params.data.resolution} px, {report.precision.choice}, batch {batch}"
                  f"{', T5 off' if not params.encode.use_t5 else ''}")
     stages = verdicts(arch, work, report.budget.bytes, machine_label(report.readings))
-    return replace(report, workload=described, stages=tuple(stages), train_note=note)
+    return replace(report, workload=described, stages=tuple(stages), train_note=note, buckets=buckets)
+
+
+def bucket_line(params: Params, arch: Architecture) -> tuple[list[tuple[int, int]], str]:
+    """The (height, width) of each bucket the instance photos fall in, and a line listing them with their counts
+    and the photos cropped hard to fit the widest."""
+    try:
+        counts, clamped = bucket_survey(params.data, params.root, arch.max_side)
+    except YemError as e:
+        return [], f"not surveyed: {e}"
+    sizes = [(bucket.height, bucket.width) for bucket in map(Bucket.parse, counts)]
+    line = ", ".join(f"{label}: {count}" for label, count in counts.items())
+    if clamped:
+        line += f"; cropped hard to the widest bucket: {', '.join(clamped[:3])}{' …' if len(clamped) > 3 else ''}"
+    return sizes, line
 
 
 def resolve_auto(arch: Architecture, work: Workload, budget: int, train: TrainParams) -> tuple[Workload, str]:
@@ -172,11 +192,11 @@ def _changes(stage: str, work: Workload) -> list[tuple[str, Workload]]:
     if stage == "encode" and work.dtype_bytes == 4 and work.backend != "cpu":
         found.append(("device.mixed_precision: auto", replace(work, dtype_bytes=2)))
     if stage == "latents":
-        found.append((f"data.resolution: {half}", replace(work, resolution=half)))
+        found.append((f"data.resolution: {half}", replace(work, resolution=half, size=None)))
     if stage == "render":
         found.append((f"render.resolution: {render_half}", replace(work, render_resolution=render_half)))
     if stage == "train":
-        smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True)
+        smaller = replace(work, resolution=half, render_resolution=half, checkpointing=True, size=None)
         also = "" if work.checkpointing else " with train.gradient_checkpointing: auto"
         found.append((f"data.resolution: {half}{also}", smaller))
     return found
@@ -213,6 +233,8 @@ def format_report(report: Report) -> str:
     lines += _rows(_device_rows(report))
     lines += ["", "Memory"]
     lines += _rows(_memory_rows(report))
+    if report.buckets:
+        lines += ["", "Photos", f"  buckets      {report.buckets}"]
     lines += ["", f"Stages ({report.workload})" if report.workload else "Stages"]
     if report.problem:
         lines.append(f"  not estimated: {report.problem}")

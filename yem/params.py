@@ -36,7 +36,8 @@ class DataParams:
     SECTION: ClassVar[str] = "data"
     instance_dir: str  # your photos (+ optional same-stem .txt captions); relative to params.yaml or absolute
     prior_dir: str | None  # class images for prior preservation, or null
-    resolution: int = rule(at_least=64, at_most=4096, multiple_of=16)
+    resolution: int = rule(at_least=64, at_most=4096, multiple_of=16)  # each image trains at about this² pixels
+    buckets: Literal["auto", "off"]  # auto: each image at the aspect-ratio bucket nearest its own; off: squares
     center_crop: bool  # false: a random crop, fixed per image
     random_flip: bool  # caches the mirrored image too; training picks one per epoch
     small_images: Literal["upscale", "refuse"]  # images smaller than the resolution
@@ -47,8 +48,18 @@ class PromptParams:
     SECTION: ClassVar[str] = "prompts"
     instance: str = rule(non_empty=True)  # used for every image without a caption file; holds the trigger word
     prior: str | None  # the class prompt for prior-preservation images, e.g. "a photo of a dog"
-    validation: list[str] = rule(non_empty=True)
+    validation: list[str] | None = rule(non_empty=True)  # null: derived from the instance prompt
     negative: str  # the negative prompt used for classifier-free guidance when rendering
+
+    # Appended to the instance prompt for the derived validation prompt that shows the subject somewhere new.
+    NEW_SETTING: ClassVar[str] = "on a beach at sunset"
+
+    def validation_prompts(self) -> list[str]:
+        """prompts.validation, or when null the instance prompt itself and the subject in a new setting."""
+        if self.validation is not None:
+            return list(self.validation)
+        subject = self.instance.strip().rstrip(".,;:!")
+        return [self.instance, f"{subject}, {self.NEW_SETTING}"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +75,10 @@ class TrainParams:
     steps: int = rule(at_least=1)  # optimizer updates
     batch_size: int | Auto = rule(at_least=1)
     gradient_accumulation: int = rule(at_least=1)
-    effective_batch_size: int | None = rule(at_least=1)  # when set with batch_size auto, accumulation follows
+    effective_batch_size: int | None = rule(at_least=1)  # images per step; null: batch_size (auto = 1) × accumulation
     rank: int = rule(at_least=1, at_most=1024)
-    alpha: float = rule(above=0)  # LoRA scale is alpha / rank
+    alpha: float | None = rule(above=0)  # LoRA scale is alpha / rank; null: the rank (scale 1)
+    caption_dropout: float = rule(at_least=0, at_most=1)  # share of samples trained on the empty prompt
     targets: list[str] = rule(non_empty=True)  # peft target_modules: suffixes of Linear names
     learning_rate: float = rule(above=0, at_most=1)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -91,6 +103,17 @@ class TrainParams:
     max_bad_steps: int = rule(at_least=1)  # non-finite steps in a row before rolling back to a checkpoint
     on_nonfinite: Literal["lower_lr", "fp32", "stop"]  # what the rollback retries with
     devices: int | Auto = rule(at_least=1)  # GPUs to train on (through accelerate); auto: all visible
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+    def effective_batch(self, processes: int) -> int:
+        """Images per optimizer step, fixed by params whatever the memory: train.effective_batch_size, or batch_size
+        (auto counting as 1) × gradient_accumulation × processes. batch_size auto only splits it into micro-batches."""
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size
+        return (1 if self.batch_size == "auto" else self.batch_size) * self.gradient_accumulation * processes
 
     def problems(self) -> list[str]:
         found = []
@@ -213,6 +236,7 @@ def set_values(path: Path, updates: dict[str, Any]) -> None:
 
     yaml = YAML()  # round-trip mode: comments and order survive
     yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(path.read_text(encoding="utf-8"))
     for dotted, value in updates.items():
         section, _, key = dotted.partition(".")

@@ -13,15 +13,24 @@ from typing import Literal
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from yem.data.buckets import Bucket
 from yem.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+HEIF_SUFFIXES = {".heic", ".heif"}  # iPhone photos; read through pillow-heif, the maintained Pillow plugin
+try:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()  # libheif applies the file's rotation and resets EXIF orientation to 1: no double turn
+    IMAGE_SUFFIXES |= HEIF_SUFFIXES
+except ImportError:  # a dependency on macOS, the `heic` extra elsewhere: without it HEIC files are skipped
+    pass
 # Pillow's default bomb limit (~89 MP) refuses real 100-200 MP camera photos; above this bound an image is a
 # decompression bomb or far larger than any training resolution needs. Decoded RGBA at the bound: 1 GB.
 MAX_PIXELS = 250_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Huge images are decoded reduced, but never below this many times the training resolution, so the final
-# LANCZOS resize (square_crop) still has detail to work with.
+# LANCZOS resize (bucket_crop) still has detail to work with.
 REDUCE_MARGIN = 2
 # What Pillow raises on a malformed file, besides UnidentifiedImageError.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError)
@@ -29,6 +38,8 @@ ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180
                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}  # EXIF tag 0x0112 -> upright
 SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+QUARTER_TURNS = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                 Image.Transpose.ROTATE_90}  # the orientations that swap width and height
 
 
 def open_image(path: Path, min_side: int | None = None) -> Image.Image:
@@ -61,6 +72,18 @@ def open_image(path: Path, min_side: int | None = None) -> Image.Image:
         raise DataError(f"{path}: cannot decode the image (got {' '.join(str(e).split()) or type(e).__name__}). "
                         f"The file is truncated or corrupt: re-export it, or remove it.") from None
     return image.transpose(turn) if turn is not None else image
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the photo as it is seen (EXIF rotation applied), from its header alone."""
+    try:
+        with Image.open(path) as image:
+            turned = _orientation(image) in QUARTER_TURNS
+            width, height = image.size
+    except (UnidentifiedImageError, *DECODE_ERRORS) as e:
+        raise DataError(f"{path}: not an image Pillow can read (got {type(e).__name__}). Re-export it, or remove "
+                        f"it.") from None
+    return (height, width) if turned else (width, height)
 
 
 def _load(image: Image.Image, min_side: int | None) -> None:
@@ -113,31 +136,36 @@ def _gray_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, mode="L")
 
 
-def check_size(image: Image.Image, resolution: int, small_images: Literal["upscale", "refuse"],
+def check_size(image: Image.Image, bucket: Bucket, small_images: Literal["upscale", "refuse"],
                path: Path) -> str | None:
-    """None when the image is large enough; a note when it will be upscaled; DataError when that is refused."""
-    if min(image.size) >= resolution:
+    """None when the image covers its bucket; a note when it will be upscaled; DataError when that is refused."""
+    if _cover_scale(image, bucket) <= 1:
         return None
     if small_images == "refuse":
-        raise DataError(f"{path}: smaller than data.resolution {resolution} (got {image.width}×{image.height}). "
-                        f"Use a larger image, lower data.resolution, or set data.small_images: upscale.")
-    return (f"{path}: smaller than data.resolution {resolution} (got {image.width}×{image.height}); upscaled, so it "
+        raise DataError(f"{path}: smaller than its {bucket.label} bucket (got {image.width}×{image.height}). Use a "
+                        f"larger image, lower data.resolution, or set data.small_images: upscale.")
+    return (f"{path}: smaller than its {bucket.label} bucket (got {image.width}×{image.height}); upscaled, so it "
             f"trains soft. Use a larger image, or set data.small_images: refuse to stop on such images.")
 
 
-def square_crop(image: Image.Image, resolution: int, center: bool, rng: np.random.Generator) -> Image.Image:
-    """Resize the short side to `resolution`, then crop a `resolution`² square (centred, or where `rng` says)."""
-    short = min(image.size)
-    scale = resolution / short
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+def _cover_scale(image: Image.Image, bucket: Bucket) -> float:
+    """The scale at which the image just covers the bucket (one side equal, the other at least as long)."""
+    return max(bucket.width / image.width, bucket.height / image.height)
+
+
+def bucket_crop(image: Image.Image, bucket: Bucket, center: bool, rng: np.random.Generator) -> Image.Image:
+    """Resize the image to just cover `bucket`, then crop the bucket out of it (centred, or where `rng` says): only
+    the sliver between the image's aspect ratio and the bucket's is lost. A square bucket crops as it always did."""
+    scale = _cover_scale(image, bucket)
+    size = (max(bucket.width, round(image.width * scale)), max(bucket.height, round(image.height * scale)))
     # reducing_gap: shrink huge photos in integer steps first, so memory and time stay small
     image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if center:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        left, top = (image.width - bucket.width) // 2, (image.height - bucket.height) // 2
     else:
-        left = int(rng.integers(0, image.width - resolution + 1))
-        top = int(rng.integers(0, image.height - resolution + 1))
-    return image.crop((left, top, left + resolution, top + resolution))
+        left = int(rng.integers(0, image.width - bucket.width + 1))
+        top = int(rng.integers(0, image.height - bucket.height + 1))
+    return image.crop((left, top, left + bucket.width, top + bucket.height))
 
 
 def crop_rng(sample_id: str) -> np.random.Generator:

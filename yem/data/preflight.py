@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from yem.data import images
+from yem.data import buckets, images
 from yem.data.hashing import file_sha256
 from yem.data.samples import Sample, discover, several
 from yem.errors import DataError
@@ -49,10 +49,12 @@ def survey(settings: DataParams, root: Path) -> tuple[list[Sample], list[str]]:
         samples += prior.samples
         notes += prior.notes
     problems = []
+    shapes = buckets.buckets_for(settings.resolution, settings.buckets)  # the model's limit is checked by latents
     for sample in samples:
         try:
             image = images.open_image(sample.path, settings.resolution)
-            note = images.check_size(image, settings.resolution, settings.small_images, sample.path)
+            bucket = buckets.nearest(image.width, image.height, shapes)
+            note = images.check_size(image, bucket, settings.small_images, sample.path)
         except DataError as e:
             problems.append(str(e))
             continue
@@ -60,6 +62,16 @@ def survey(settings: DataParams, root: Path) -> tuple[list[Sample], list[str]]:
     if problems:
         raise several(problems)
     return samples, notes
+
+
+def bucket_survey(settings: DataParams, root: Path, max_side: int | None) -> tuple[dict[str, int], list[str]]:
+    """The aspect-ratio buckets the instance images will train in (label -> count) and the names of those cropped
+    hard to fit the widest bucket, from the image headers alone (for `yem doctor`, before anything is decoded)."""
+    shapes = buckets.buckets_for(settings.resolution, settings.buckets, max_side)
+    found = discover(_resolve(root, settings.instance_dir), "instance", "data.instance_dir").samples
+    sizes = {sample.path.name: images.upright_size(sample.path) for sample in found}
+    chosen = [buckets.nearest(width, height, shapes) for width, height in sizes.values()]
+    return buckets.counts(chosen), [name for name, (w, h) in sizes.items() if buckets.clamped(w, h, shapes)]
 
 
 def caption_manifest(samples: list[Sample], root: Path) -> dict:

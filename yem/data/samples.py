@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from yem.data.images import IMAGE_SUFFIXES
+from yem.data.images import HEIF_SUFFIXES, IMAGE_SUFFIXES
 from yem.errors import DataError
 
 CAPTION_SUFFIX = ".txt"
 # Photo formats people have that Pillow cannot read: say how to convert them instead of just "not an image".
-CONVERT_HINTS = {".heic": "HEIC", ".heif": "HEIF", ".dng": "camera raw", ".cr2": "camera raw", ".nef": "camera raw",
-                 ".arw": "camera raw"}
+CONVERT_HINTS = {".dng": "camera raw", ".cr2": "camera raw", ".nef": "camera raw", ".arw": "camera raw"}
+HEIF_HINT = "HEIC/HEIF needs pillow-heif (pip install 'yem[heic]'; on a Mac it comes with yem). Install it, or export"
 Kind = Literal["instance", "prior"]
 
 
@@ -103,6 +103,8 @@ def _skip_note(path: Path) -> str | None:
         return f"{_shown(path)}: skipped, a folder (images in subfolders are not used). Move them up to use them."
     if suffix in CONVERT_HINTS:
         return f"{_shown(path)}: skipped, {CONVERT_HINTS[suffix]} cannot be read. Export it as JPEG or PNG to use it."
+    if suffix in HEIF_SUFFIXES - IMAGE_SUFFIXES:
+        return f"{_shown(path)}: skipped, {HEIF_HINT} it as JPEG."
     if suffix not in IMAGE_SUFFIXES:
         return f"{_shown(path)}: skipped, not an image ({', '.join(sorted(IMAGE_SUFFIXES))})."
     if not path.is_file():

@@ -45,10 +45,11 @@ class PromptPlan:
     validation: list[str]  # keys, in params order
     negative: str  # key of the negative prompt (classifier-free guidance)
     instance: str  # the instance prompt's text: the trigger people will type
+    empty: str  # key of the empty prompt, which train.caption_dropout trains on
 
     def index(self) -> dict:
         return {"texts": self.texts, "samples": self.samples, "validation": self.validation,
-                "negative": self.negative, "instance": self.instance}
+                "negative": self.negative, "instance": self.instance, "empty": self.empty}
 
 
 def plan_prompts(prompts: PromptParams, captions: dict[str, str | None]) -> PromptPlan:
@@ -66,9 +67,9 @@ def plan_prompts(prompts: PromptParams, captions: dict[str, str | None]) -> Prom
         if caption is None and fallback is None:
             raise ValueError(f"{sample_id}: no caption and no prompts.prior")  # params validation prevents this
         samples[sample_id] = add(caption if kind == "instance" and caption is not None else fallback)
-    validation = [add(text) for text in prompts.validation]
+    validation = [add(text) for text in prompts.validation_prompts()]  # derived from the instance prompt if unset
     return PromptPlan(texts=texts, samples=samples, validation=validation, negative=add(prompts.negative),
-                      instance=prompts.instance)
+                      instance=prompts.instance, empty=add(""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +197,8 @@ def text_sources(plan: PromptPlan, prompts: PromptParams, captions: dict[str, st
             sources.setdefault(text_key(caption), []).append(file)
     named = [("prompts.instance", prompts.instance), ("prompts.prior", prompts.prior),
              ("prompts.negative", prompts.negative)]
-    named += [(f"prompts.validation[{i}]", text) for i, text in enumerate(prompts.validation)]
+    named += [(f"prompts.validation[{i}]" if prompts.validation else "prompts.instance", text)
+              for i, text in enumerate(prompts.validation_prompts())]
     for where, text in named:
         if text is not None:
             sources.setdefault(text_key(text), []).append(where)

@@ -6,11 +6,14 @@ headers for exact parameter counts: no weights are read) and otherwise from the 
 """
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from yem.errors import ModelError
+
+VAE_SCALE = 8  # SD3's VAE: 8 px per latent position
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +30,22 @@ class Architecture:
     vae_params: int
     vae_width: int  # the VAE's first block width: its activations at full resolution scale with it
     text_encoders: dict[str, tuple[int, int]] = field(default_factory=dict)  # clip_l/clip_g/t5 -> (params, width)
+    sample_size: int = 128  # latent side the model was trained at (transformer config): 128 × 8 = 1024 px in SD3
+    pos_embed_max_size: int | None = 192  # patches per side the position embedding covers (None: no limit)
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the model was trained at: 1024 px for SD3 and SD3.5."""
+        return self.sample_size * VAE_SCALE
+
+    @property
+    def max_side(self) -> int | None:
+        """The longest image side the position embedding covers (SD3-medium: 192 patches × 2 × 8 = 3072 px)."""
+        return self.pos_embed_max_size * self.patch_size * VAE_SCALE if self.pos_embed_max_size else None
 
 
 # SD3's text encoders and VAE, shared by every SD3 and SD3.5 model, counted on the meta device from the configs in
@@ -41,9 +56,11 @@ SD3_VAE_PARAMS = 83_819_683
 
 
 def _sd3(name: str, layers: int, transformer: int, pos_embed: int, qk_norm: bool, dual: int) -> Architecture:
+    """`pos_embed`: the stored position embedding, width × pos_embed_max_size² values."""
     return Architecture(name=name, layers=layers, heads=layers, head_dim=64, patch_size=2, joint_dim=4096,
                         qk_norm=qk_norm, dual_attention_layers=dual, transformer_params=transformer + pos_embed,
-                        vae_params=SD3_VAE_PARAMS, vae_width=128, text_encoders=dict(SD3_TEXT_ENCODERS))
+                        vae_params=SD3_VAE_PARAMS, vae_width=128, text_encoders=dict(SD3_TEXT_ENCODERS),
+                        sample_size=128, pos_embed_max_size=math.isqrt(pos_embed // (64 * layers)))
 
 
 _SD35_LARGE = _sd3("SD3.5-large", 38, 8_056_627_520, 89_653_248, True, 0)
@@ -73,7 +90,7 @@ def architecture_from_folder(folder: Path, name: str) -> Architecture:
         dual_attention_layers=len(config.get("dual_attention_layers") or ()),
         transformer_params=stored_params(folder / "transformer") or _known_size(config),
         vae_params=stored_params(folder / "vae") or SD3_VAE_PARAMS, vae_width=vae["block_out_channels"][0],
-        text_encoders=encoders)
+        text_encoders=encoders, sample_size=config["sample_size"], pos_embed_max_size=config.get("pos_embed_max_size"))
 
 
 def stored_params(folder: Path) -> int:

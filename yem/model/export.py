@@ -7,7 +7,9 @@ our files against ComfyUI's key mapping, written there as data.
 
 - diffusers: `transformer.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r); alpha is only in the
   `lora_adapter_metadata` header. `StableDiffusion3Pipeline.load_lora_weights` refuses a file with any tensor
-  whose name lacks "lora", so this file cannot also hold `.alpha` tensors.
+  whose name lacks "lora", so this file cannot also hold `.alpha` tensors. yem writes it with the scale folded
+  into B (B × alpha / r, alpha recorded as r): ComfyUI, which never reads the header, then applies it at the
+  same strength as diffusers and peft.
 - comfyui: the same tensors plus a scalar `transformer.<module>.alpha` each. ComfyUI maps the diffusers names
   onto its MMDiT itself but never reads the header: it scales by alpha / r only when an `.alpha` tensor exists,
   by 1.0 otherwise.
@@ -122,7 +124,7 @@ def write(modules: dict[str, Module], metadata: dict[str, str], fmt: str, path: 
     """Write `modules` in layout `fmt`, keeping the header's provenance and naming the layout in it."""
     if fmt not in FORMATS:
         raise YemError(f"export format: unknown (got '{fmt}'). Use one of {', '.join(FORMATS)}.")
-    tensors, header = _to_diffusers(modules, metadata)
+    tensors, header = _to_diffusers(modules, metadata, 1.0 if fmt == "diffusers" else None)
     if fmt == "comfyui":
         tensors = {**tensors, **_alpha_tensors(tensors, header)}
     elif fmt == "kohya":
@@ -146,12 +148,14 @@ def _from_diffusers(tensors: dict[str, np.ndarray], metadata: dict[str, str], pa
     return modules
 
 
-def _to_diffusers(modules: dict[str, Module], metadata: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """Tensors and header for diffusers: one rank and one alpha for all (peft's config holds one of each)."""
+def _to_diffusers(modules: dict[str, Module], metadata: dict[str, str], scale: float | None
+                  ) -> tuple[dict, dict[str, str]]:
+    """Tensors and header for diffusers: one rank and one alpha for all (peft's config holds one of each). The
+    scale is `scale` (any difference folded into up), or when None the one most modules have."""
     if not modules:
         raise YemError("LoRA: has no transformer modules. Export a LoRA that yem trained.")
     rank = max(module.rank for module in modules.values())
-    scale = Counter(module.scale for module in modules.values()).most_common(1)[0][0]
+    scale = scale or Counter(module.scale for module in modules.values()).most_common(1)[0][0]
     tensors = {}
     for name, module in modules.items():
         module = _conformed(module, rank, scale)

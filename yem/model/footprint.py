@@ -11,7 +11,8 @@ per element of the chosen dtype):
   render   the transformer and the VAE at s + the larger of one transformer call (batch 2: classifier-free
            guidance) and one VAE decode
 
-Activation formula. With W = heads × head_dim, image tokens I = (resolution / 8 / patch)², text tokens
+Activation formula. With W = heads × head_dim, image tokens I = (H / 8 / patch)·(W / 8 / patch) for the
+largest aspect-ratio bucket H × W (resolution² for the square), text tokens
 X = 77 CLIP + encode.max_sequence_length T5 (zeros without T5, but still there), T = I + X, B = batch, L = layers;
 counts are in elements of a hidden state: i = B·I·W, x = B·X·W, u = i + x:
 
@@ -55,6 +56,7 @@ activations in RSS (`ALLOCATOR_OVERHEAD`); the MPS and CUDA caches are covered b
 planner's margins.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -112,14 +114,22 @@ class Workload:
     chunk_budget: int = chunked.CHUNK_BUDGET_MAX  # bytes of one chunked attention call's chunks
     render_images: int = 1  # images per pipeline call
     vae_tile: int | None = None  # px: the side of the VAE's decode tiles; None: whole images
+    size: tuple[int, int] | None = None  # (height, width) px of the largest aspect-ratio bucket; None: the square
 
     @property
     def text_tokens(self) -> int:
         return CLIP_TOKENS + self.t5_tokens
 
+    @property
+    def pixels(self) -> tuple[int, int]:
+        """(height, width) of the largest image a training step sees."""
+        return self.size or (self.resolution, self.resolution)
 
-def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30, budget: int | None = None) -> Workload:
-    """The workload of a params.yaml; auto settings start at batch 1 without checkpointing (see `resolve_auto`)."""
+
+def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30, budget: int | None = None,
+             size: tuple[int, int] | None = None) -> Workload:
+    """The workload of a params.yaml; auto settings start at batch 1 without checkpointing (see `resolve_auto`).
+    `size`: the largest aspect-ratio bucket the photos train in, (height, width) px; None: the square."""
     train = params.train
     attention = {"attention": chunked.resolve(train.attention, backend),
                  "render_attention": chunked.resolve(params.render.attention, backend),
@@ -129,8 +139,8 @@ def workload(params: Params, backend: str, dtype_bytes: int, images: int = 30, b
                     batch_size=1 if train.batch_size == "auto" else train.batch_size,
                     checkpointing=train.gradient_checkpointing is True, rank=train.rank, targets=len(train.targets),
                     use_t5=params.encode.use_t5, t5_tokens=params.encode.max_sequence_length,
-                    quantized_base=train.quantize_base == "int8", images=images,
-                    prompts=images + len(params.prompts.validation) + 1, **attention)
+                    quantized_base=train.quantize_base == "int8", images=images, size=size,
+                    prompts=images + len(params.prompts.validation_prompts()) + 2, **attention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,14 +176,14 @@ def encoder_estimate(arch: Architecture, name: str, work: Workload) -> StageEsti
 
 def latents_stage(arch: Architecture, work: Workload) -> StageEstimate:
     """The VAE encodes one image at a time, in fp32."""
-    pixels = work.resolution**2
-    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * pixels * 4, _vae_scores(work.resolution, work))
+    height, width = work.pixels
+    activations = max(VAE_ENCODE_PER_PIXEL * arch.vae_width * height * width * 4, _vae_scores(work.pixels, work))
     return StageEstimate("latents", {"VAE weights (fp32)": arch.vae_params * 4,
                                      "activations": _allocated(activations, work)})
 
 
 def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
-    latent = (work.resolution // VAE_SCALE) ** 2 * LATENT_CHANNELS * 4
+    latent = math.prod(side // VAE_SCALE for side in work.pixels) * LATENT_CHANNELS * 4  # the largest bucket's
     cached = work.images * 2 * latent + work.prompts * work.text_tokens * arch.joint_dim * 4  # means + stds, embeds
     return StageEstimate("train", {"transformer weights": training_weights(arch, work),
                                    "LoRA + AdamW": lora_params(arch, work) * LORA_BYTES_PER_PARAM,
@@ -181,11 +191,13 @@ def train_stage(arch: Architecture, work: Workload) -> StageEstimate:
                                    "activations": _allocated(train_activations(arch, work), work)})
 
 
-def training_workload(train: TrainParams, backend: str, dtype_bytes: int, resolution: int, text_tokens: int,
+def training_workload(train: TrainParams, backend: str, dtype_bytes: int, size: tuple[int, int], text_tokens: int,
                       images: int, prompts: int, memory_budget: int | None) -> Workload:
-    """A train stage run on its cached data (`text_tokens`: the embeddings' length, 77 CLIP + T5) at the smallest
-    setting its params allow: batch 1 where auto, checkpointing where auto or on."""
-    return Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=resolution, render_resolution=resolution,
+    """A train stage run on its cached data at the smallest setting its params allow: batch 1 where auto,
+    checkpointing where auto or on. `size`: its largest bucket, (height, width) px; `text_tokens`: the embeddings'
+    length (77 CLIP + T5)."""
+    return Workload(backend=backend, dtype_bytes=dtype_bytes, resolution=max(size), render_resolution=max(size),
+                    size=size,
                     batch_size=1 if train.batch_size == "auto" else train.batch_size,
                     checkpointing=train.gradient_checkpointing is not False, rank=train.rank,
                     targets=len(train.targets), use_t5=True, t5_tokens=text_tokens - CLIP_TOKENS,
@@ -211,11 +223,11 @@ def training_weights(arch: Architecture, work: Workload) -> float:
 
 def render_stage(arch: Architecture, work: Workload) -> StageEstimate:
     s = work.dtype_bytes
-    guided = replace(work, batch_size=2 * work.render_images, resolution=work.render_resolution,
+    guided = replace(work, batch_size=2 * work.render_images, resolution=work.render_resolution, size=None,
                      attention=work.render_attention)
     transformer_call = RENDER_AT_DTYPE * sum(_units(arch, guided)) * s + _attention_inference(arch, guided)
     side = min(work.vae_tile or work.render_resolution, work.render_resolution)  # one image (slicing) or tile
-    decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * side**2 * 4, _vae_scores(side, work))
+    decode = max(VAE_DECODE_PER_PIXEL * arch.vae_width * side**2 * 4, _vae_scores((side, side), work))
     return StageEstimate("render", {"transformer + VAE weights": (arch.transformer_params + arch.vae_params) * s,
                                     "LoRA": lora_params(arch, work) * 4,
                                     "activations": _allocated(max(transformer_call, decode), work)})
@@ -256,13 +268,17 @@ def train_activations(arch: Architecture, work: Workload) -> float:
 
 def _units(arch: Architecture, work: Workload) -> tuple[int, int]:
     """Elements of the image and the text hidden states: (B·I·W, B·X·W)."""
-    image_tokens = (work.resolution // VAE_SCALE // arch.patch_size) ** 2
-    return work.batch_size * image_tokens * arch.width, work.batch_size * work.text_tokens * arch.width
+    return work.batch_size * _image_tokens(arch, work) * arch.width, work.batch_size * work.text_tokens * arch.width
+
+
+def _image_tokens(arch: Architecture, work: Workload) -> int:
+    """Patches of the largest image: (H / 8 / patch) × (W / 8 / patch)."""
+    return math.prod(side // VAE_SCALE // arch.patch_size for side in work.pixels)
 
 
 def _tokens(arch: Architecture, work: Workload, text: bool = True) -> int:
     """Tokens one attention attends over; `text` False: the image-only second attention of MMDiT-X blocks."""
-    return (work.resolution // VAE_SCALE // arch.patch_size) ** 2 + (work.text_tokens if text else 0)
+    return _image_tokens(arch, work) + (work.text_tokens if text else 0)
 
 
 def _math_scores(arch: Architecture, work: Workload, text: bool = True) -> float:
@@ -301,9 +317,10 @@ def _attention_inference(arch: Architecture, work: Workload) -> float:
     return RENDER_SCORES * _math_scores(arch, work)
 
 
-def _vae_scores(side: int, work: Workload) -> float:
-    """The VAE mid-block's single-head attention over (side / 8)² positions: scores and softmax."""
-    return 2 * (side // VAE_SCALE) ** 4 * SCORE_BYTES if work.backend in chunked.KEEPS_SCORES else 0.0
+def _vae_scores(size: tuple[int, int], work: Workload) -> float:
+    """The VAE mid-block's single-head attention over (H / 8)·(W / 8) positions: scores and softmax."""
+    positions = math.prod(side // VAE_SCALE for side in size)
+    return 2 * positions**2 * SCORE_BYTES if work.backend in chunked.KEEPS_SCORES else 0.0
 
 
 def _allocated(tensor_bytes: float, work: Workload) -> int:

@@ -1,7 +1,10 @@
 """LoRA on the SD3 transformer through peft, saved in the diffusers layout that every SD3 tool reads.
 
-The adapter's metadata (rank, alpha, targets) is stored in the safetensors header, so `lora_alpha` survives a
-round trip through `StableDiffusion3Pipeline.load_lora_weights`; yem adds its own provenance keys beside it.
+The adapter's metadata (rank, alpha, targets) is stored in the safetensors header; yem adds its own provenance
+keys beside it. The saved file carries the scale in its weights: B × alpha / r, with alpha recorded as r. diffusers
+and peft read alpha from the header, ComfyUI only from `.alpha` tensors (which diffusers refuses) and otherwise
+uses scale 1, so a file whose scale is 1 is applied at the same strength by every loader. The trained alpha stays
+in the `yem.alpha` header key.
 """
 
 import difflib
@@ -70,18 +73,27 @@ def adapter_config(transformer: torch.nn.Module) -> dict:
     return {**config, "target_modules": sorted(config["target_modules"])}
 
 
+def scale_folded(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """The adapter with its scale alpha / r folded into every B (lora_B): the same ΔW at alpha = r."""
+    if scale == 1:
+        return state
+    return {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+
+
 def save(transformer: torch.nn.Module, path: Path, provenance: dict[str, str]) -> Path:
-    """Write the adapter to `path` through diffusers' SD3 saver (diffusers layout + adapter metadata), adding
-    yem's provenance to the header; atomically."""
+    """Write the adapter to `path` through diffusers' SD3 saver (diffusers layout + adapter metadata), its scale
+    folded into B, adding yem's provenance to the header; atomically."""
     import tempfile
 
     from diffusers import StableDiffusion3Pipeline
 
+    config = adapter_config(transformer)
+    state = scale_folded(adapter_state(transformer), config["lora_alpha"] / config["r"])
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as staging:
         StableDiffusion3Pipeline.save_lora_weights(
-            staging, transformer_lora_layers=adapter_state(transformer), weight_name=path.name,
-            transformer_lora_adapter_metadata=adapter_config(transformer))
+            staging, transformer_lora_layers=state, weight_name=path.name,
+            transformer_lora_adapter_metadata={**config, "lora_alpha": config["r"]})
         written = Path(staging) / path.name
         lora_file.add_metadata(written, provenance)
         atomic.write_with(path, lambda tmp: shutil.copyfile(written, tmp))

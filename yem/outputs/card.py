@@ -65,8 +65,9 @@ def write_card(model: ModelParams, train: TrainParams, settings: ExportParams, r
     data = ModelCardData(license=settings.license, tags=TAGS, instance_prompt=trigger, widget=widget,
                          library_name="diffusers", pipeline_tag="text-to-image", base_model=hub_base,
                          base_model_relation="adapter" if hub_base else None)
-    body = "\n".join([_intro(settings, trigger, validation), _files(files), _usage(model, config, files, trigger),
-                      _training(model, train, config, results), _hardware(results.metrics, validation)])
+    body = "\n".join([_intro(settings, trigger, validation), *_no_effect(results.metrics, validation), _files(files),
+                      _usage(model, files, trigger), _training(model, train, config, results),
+                      _hardware(results.metrics, validation)])
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     card.save(out_dir / "README.md")
     return card
@@ -97,12 +98,27 @@ is one validation prompt and seed, rendered with the same starting noise in ever
 """
 
 
+def _no_effect(m: dict, validation: dict) -> list[str]:
+    """A warning block when training or rendering found that this LoRA changes nothing measurable."""
+    found = []
+    if m.get("lora_effect") == "none":
+        found.append(f"its held-out loss changed by {m['heldout_change']:+.3%} and no layer's weights by more than "
+                     f"{m['lora_delta']:.1e} of their size")
+    if not validation.get("lora_visible", True):
+        found.append(f"its renders differ from the base model's by {validation['lora_change']:.2f} of 255 levels on "
+                     f"average")
+    if not found:
+        return []
+    return [f"> **Warning: this LoRA does nothing measurable**: {'; '.join(found)}. Train again with a higher "
+            f"learning rate or more steps before sharing it.\n"]
+
+
 def _files(files: dict[str, str]) -> str:
     rows = [(f"`{name}`", LAYOUTS[fmt]) for fmt, name in files.items()]
     return f"## Files\n\n{_table(rows, ('file', 'layout'))}\n"
 
 
-def _usage(model: ModelParams, config: dict, files: dict[str, str], trigger: str) -> str:
+def _usage(model: ModelParams, files: dict[str, str], trigger: str) -> str:
     load_id = model.id if HUB_ID.match(model.id) else "<path to the base model>"
     parts = ["## Use it\n"]
     if "diffusers" in files:
@@ -117,17 +133,13 @@ pipe.load_lora_weights("<this repo or folder>", weight_name="{files['diffusers']
 image = pipe({trigger!r}, num_inference_steps=28, guidance_scale=7.0).images[0]
 ```
 """)
-    comfy = files.get("comfyui") or files.get("kohya")
-    if comfy is None and "diffusers" in files and config["lora_alpha"] == config["r"]:
-        comfy = files["diffusers"]  # alpha = rank: ComfyUI's default scale of 1.0 is already right
+    # yem's diffusers file carries its scale in B (alpha = rank), so ComfyUI's default scale of 1.0 reads it right
+    comfy = files.get("comfyui") or files.get("kohya") or files.get("diffusers")
     if comfy:
         parts.append(f"In ComfyUI: copy `{comfy}` into `ComfyUI/models/loras/`, then add a *LoraLoaderModelOnly* "
                      f"node (\"LoraLoaderModelOnly\" in the node search) between the SD3 checkpoint loader and the "
                      f"sampler, pick the file, and start at `strength_model` 1.0. The LoRA changes the transformer "
                      f"only, so the CLIP input of *LoraLoader* is not needed.\n")
-    else:
-        parts.append("For ComfyUI, add `comfyui` to `export.formats` (or run `yem export --format comfyui`): this "
-                     "LoRA's alpha differs from its rank, and ComfyUI reads alpha only from `.alpha` tensors.\n")
     if "kohya" in files:
         parts.append(f"`{files['kohya']}` uses kohya sd-scripts' SD3 layout, for tools built on it.\n")
     return "\n".join(parts)
@@ -139,7 +151,8 @@ def _training(model: ModelParams, train: TrainParams, config: dict, results: Res
     base = model.id + (f" @ `{model.revision}`" if model.revision else "")
     rows = [("base model", base), ("instance images", kinds.count("instance")),
             ("class (prior) images", kinds.count("prior")), ("steps", m.get("steps")),
-            ("resolution", m.get("resolution")), ("rank / alpha", f"{config['r']} / {config['lora_alpha']:g}"),
+            ("resolution", m.get("resolution")), ("aspect-ratio buckets (images)", _buckets(m.get("buckets"))),
+            ("rank / alpha", _rank_alpha(config, results)),
             ("target modules", ", ".join(sorted(config["target_modules"]))),
             ("learning rate", f"{train.learning_rate:g} ({train.lr_scheduler}, {train.lr_warmup_steps} warmup)"),
             ("batch × accumulation × devices", f"{m['batch_size']} × {m['gradient_accumulation']} × "
@@ -155,6 +168,19 @@ Held-out flow-matching loss (fixed noise and sigmas): {_num(m.get('heldout_loss_
 
 ![training loss per step (grey) and its moving average (blue)](images/loss.png)
 """
+
+
+def _buckets(sizes: dict | None) -> str:
+    """ "832×1216 (5), 1024×1024 (3)": each bucket with its number of images, the fullest first."""
+    ordered = sorted((sizes or {}).items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{label} ({count})" for label, count in ordered) or "n/a"
+
+
+def _rank_alpha(config: dict, results: Results) -> str:
+    """Rank and the alpha it was trained with; the file itself records alpha = rank, its scale folded into B."""
+    trained = float(lora_file.read_metadata(results.lora).get("yem.alpha", config["lora_alpha"]))
+    folded = " (scale folded into the weights: the file records alpha = rank)" if trained != config["r"] else ""
+    return f"{config['r']} / {trained:g}{folded}"
 
 
 def _hardware(m: dict, validation: dict) -> str:

@@ -21,6 +21,9 @@ from yem.model import architecture, attention, chunked, footprint, lora_file, sd
 from yem.params import ModelParams, RenderParams
 
 GRID_CELL = 256  # px per image in the grid; full-size PNGs sit beside it
+# Base and LoRA renders (same prompt, seed and starting noise) that differ by less than this many 8-bit levels on
+# average look the same: the LoRA does nothing visible.
+VISIBLE_CHANGE = 0.5
 LABEL_HEIGHT = 28  # px above the images: the prompt and seed of each column
 ROW_LABEL_WIDTH = 64  # px left of the images: the row's name (base, lora)
 
@@ -76,7 +79,26 @@ def _render_all(model: ModelParams, settings: RenderParams, hardware: Hardware, 
     grid(images, [f"{c['prompt']} · seed {c['seed']}" for c in cells]).save(out_dir / "grid.png")
     return {"rows": list(images), "cells": [{k: c[k] for k in ("prompt", "seed", "file")} for c in cells],
             "grid": "grid.png", "resolution": resolution, "steps": settings.steps,
-            "guidance_scale": settings.guidance_scale}
+            "guidance_scale": settings.guidance_scale, **lora_change(images["base"], images["lora"])}
+
+
+def lora_change(base: list[Image.Image], tuned: list[Image.Image]) -> dict:
+    """How much the LoRA changes the renders (the mean absolute pixel difference, in 8-bit levels), and whether
+    that is visible."""
+    import numpy as np
+
+    change = float(np.mean([np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean()
+                            for a, b in zip(base, tuned)]))
+    return {"lora_change": change, "lora_visible": change >= VISIBLE_CHANGE}
+
+
+def no_change_warning(index: dict) -> str | None:
+    """One line when the LoRA renders look like the base model's; None when they differ visibly."""
+    if index["lora_visible"]:
+        return None
+    return (f"render: the LoRA renders are the same as the base model's (got a mean difference of "
+            f"{index['lora_change']:.2f} of 255 levels), so this LoRA does nothing visible. Raise train.learning_rate "
+            f"or train.steps, then rerun.")
 
 
 def first_plan(model: ModelParams, settings: RenderParams, hardware: Hardware, resolution: int,

@@ -4,6 +4,8 @@ yem.training.batching decides from measured peaks; this module measures them on 
 forward and backward per candidate, no optimizer step, no training randomness consumed) and applies the decisions.
 """
 
+import math
+
 import torch
 
 from yem.data import trainset
@@ -22,15 +24,11 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
     """Batch, accumulation and checkpointing for this run; measured only where params say `auto` (and, for a
     fixed batch, only where the estimate of `work` on `arch` does not settle it)."""
     cap = batching.MAX_AUTO_BATCH if work is None else min(batching.MAX_AUTO_BATCH, largest_batch(arch, work))
-    wanted = batching.BatchSettings.from_train(settings, max_batch=cap)
-    if settings.effective_batch_size:  # every process takes its share of the effective batch
-        wanted = batching.BatchSettings(wanted.batch_size, wanted.accumulation,
-                                        max(1, settings.effective_batch_size // processes), wanted.checkpointing,
-                                        cap)
-    if budget is None:  # nothing to plan against: one image per step, checkpointing only if asked
-        return batching.BatchPlan(1 if settings.batch_size == "auto" else settings.batch_size,
-                                  wanted.effective or settings.gradient_accumulation,
-                                  settings.gradient_checkpointing is True, None, "no memory budget: batch as set")
+    wanted = batching.BatchSettings.from_train(settings, processes, max_batch=cap)  # every process takes its share
+    if budget is None:  # nothing to plan against: one image per forward pass, checkpointing only if asked
+        batch = 1 if settings.batch_size == "auto" else settings.batch_size
+        return batching.BatchPlan(batch, max(1, wanted.effective // batch), settings.gradient_checkpointing is True,
+                                  None, "no memory budget: batch as set")
     backend = sigma_table.device.type
     generator = torch.Generator(sigma_table.device)
 
@@ -38,8 +36,7 @@ def plan(transformer: torch.nn.Module, data: TrainingSet, sigma_table: torch.Ten
         set_checkpointing(transformer, checkpointing)
         device.empty_cache(backend)
         peaks.reset_peak(backend)
-        sample = trainset.micro_batch(data, 0, 0, 1, batch, settings.seed, settings.repeats,
-                                      settings.prior_loss_weight, draw_u, generator)
+        sample = trainset.largest_batch(data, batch, settings, draw_u, generator)
         try:
             with device.autocast(backend, dtype):
                 batch_loss(transformer, sample, sigma_table, settings, dtype, batch).backward()
@@ -57,7 +54,8 @@ def largest_batch(arch: Architecture | None, work: footprint.Workload) -> int:
     (2³¹ elements: SD3 at 1024 px fails at batch 5); chunked attention sizes its chunks to any batch."""
     if arch is None:
         return batching.MAX_AUTO_BATCH
-    tokens = (work.resolution // footprint.VAE_SCALE // arch.patch_size) ** 2 + work.text_tokens
+    image_tokens = math.prod(side // footprint.VAE_SCALE // arch.patch_size for side in work.pixels)
+    tokens = image_tokens + work.text_tokens  # of the largest bucket
     return attention.largest_sdpa_batch(work.attention, work.backend, arch.heads, tokens) or batching.MAX_AUTO_BATCH
 
 

@@ -31,8 +31,9 @@ How the plan is made (`plan_batch`):
 2. A fixed train.batch_size is kept. For `auto`, the peaks at batch 1 and 2 give a line, peak(b) = base + b × slope
    (activations grow linearly with the batch; weights, LoRA state and the cached data do not), and the largest b
    under PLAN_MARGIN × budget is tried for real; if it does not fit, the line is refitted through the new point.
-3. With train.effective_batch_size E the batch is the largest divisor of E that fits and accumulation is E / batch,
-   so batch × accumulation is exactly E; without it accumulation stays train.gradient_accumulation.
+3. With an effective batch E (params always fix one: `BatchSettings.from_train`) the batch is the largest divisor
+   of E that fits and accumulation is E / batch, so batch × accumulation is exactly E and the same params train the
+   same LoRA on any machine; without one (effective None) accumulation stays as set.
 """
 
 from collections.abc import Callable
@@ -68,10 +69,13 @@ class BatchSettings:
     max_batch: int = MAX_AUTO_BATCH
 
     @classmethod
-    def from_train(cls, train: TrainParams, max_batch: int = MAX_AUTO_BATCH) -> "BatchSettings":
+    def from_train(cls, train: TrainParams, processes: int = 1, max_batch: int = MAX_AUTO_BATCH) -> "BatchSettings":
+        """What params ask of one of `processes` processes: its share of the effective batch, which params fix
+        (train.effective_batch_size, else batch_size × accumulation with auto counting as 1), so memory decides
+        only how it is split."""
         return cls(batch_size=train.batch_size, accumulation=train.gradient_accumulation,
-                   effective=train.effective_batch_size, checkpointing=train.gradient_checkpointing,
-                   max_batch=max_batch)
+                   effective=max(1, train.effective_batch(processes) // processes),
+                   checkpointing=train.gradient_checkpointing, max_batch=max_batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from yem.hardware import device, fallbacks, memory, out_of_memory, peaks, power
 from yem.hardware.record import Hardware
 from yem.model import lora, lora_file
 from yem.params import ModelParams, ThermalParams, TrainParams
-from yem.training import autobatch, batching, checkpoint, scaling, setup
+from yem.training import autobatch, batching, checkpoint, effect, scaling, setup
 from yem.training.metrics import TrainResult
 from yem.training.objective import batch_loss, heldout_loss
 from yem.training.state import Run, agreed, respect_heat, resume_or_start, roll_back, save_checkpoint
@@ -120,10 +120,10 @@ def update(run: Run, step: int) -> torch.Tensor:
     if run.graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are no longer needed
     total = torch.zeros((), device=accelerator.device)
+    world = accelerator.num_processes
     for micro in range(plan.accumulation):
-        number = step * plan.accumulation + micro  # global micro-batch number: fixes the samples it holds
-        batch = trainset.micro_batch(run.data, number, accelerator.process_index, accelerator.num_processes,
-                                     plan.batch_size, settings.seed, settings.repeats, settings.prior_loss_weight,
+        start = (micro * world + accelerator.process_index) * plan.batch_size  # this share's place in the step
+        batch = trainset.micro_batch(run.data, step, start, plan.batch_size, plan.effective * world, settings,
                                      run.draw_u, run.generator)
         syncing = nullcontext() if micro == plan.accumulation - 1 else accelerator.no_sync(run.model)
         with syncing, device.autocast(accelerator.device.type, run.dtype):
@@ -193,6 +193,7 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
     with lora.disabled(run.transformer):
         before = heldout_loss(run.model, run.data, run.dtype)
     after = heldout_loss(run.model, run.data, run.dtype)
+    moved = effect.measure(run.transformer, before, after)  # a LoRA that changes nothing is said so, not shipped
     if run.accelerator.is_main_process:
         snapshots = lora_file.snapshots_dir(run.run_dir)
         with atomic.staged_dir(out_dir) as staging:
@@ -210,6 +211,7 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
              "launch_to_first_step_s": startup.seconds["first_step"], "startup_s": startup.seconds,
              "memory_total_gib": round(memory.total_bytes(backend) / memory.GIB, 1), **run.heat.metrics(),
              "batch_plan": run.plan.why, "memory_backoffs": len(log.backoffs), "attention": run.attention,
+             "buckets": run.data.sizes(), **moved.metrics(),
              # MPS ops that ran on the CPU (should be none), and their share of the sampled window's time
              "cpu_fallback_ops": fell_back.summary(), "cpu_fallback_share": fell_back.share}
     facts = {k: v for k, v in facts.items() if v is not None}  # DVC's metrics leave out nulls: so does the file
@@ -219,7 +221,8 @@ def finish(run: Run, out_dir: Path, hardware: Hardware, latents_dir: Path, resum
                        gradient_checkpointing=run.transformer.is_gradient_checkpointing,
                        world_size=run.accelerator.num_processes,
                        peak_memory_gib=peaks.peak_bytes(backend) / memory.GIB,
-                       wall_s=time.perf_counter() - started, resumed_from=resumed_from, facts=facts)
+                       wall_s=time.perf_counter() - started, resumed_from=resumed_from, facts=facts,
+                       warnings=list(filter(None, [moved.warning()])))
 
 
 def log_rows(first_step: int, losses: list[float], lrs: list[float], seconds: float, backend: str,

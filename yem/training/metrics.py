@@ -24,6 +24,7 @@ class TrainResult:
     wall_s: float
     resumed_from: int
     facts: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each for the user (a LoRA that does nothing)
 
     def metrics(self) -> dict:
         losses = [r["loss"] for r in self.rows if math.isfinite(r["loss"])]

@@ -5,6 +5,7 @@ Everything here happens once, before the first step; yem.training.loop then only
 """
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -73,9 +74,10 @@ def prepare(model: ModelParams, settings: TrainParams, hardware: Hardware, laten
 
 def training_workload(settings: TrainParams, data: TrainingSet, backend: str, dtype: torch.dtype,
                       memory_budget: int | None) -> footprint.Workload:
-    """What the estimate needs to know of this run: its settings, and the shapes of its cached data."""
+    """What the estimate needs to know of this run: its settings, and the shapes of its cached data (the largest
+    bucket's)."""
     return footprint.training_workload(settings, backend, dtype.itemsize,
-                                       resolution=data.mean.shape[-1] * footprint.VAE_SCALE,
+                                       size=max((stack.size for stack in data.stacks), key=math.prod),
                                        text_tokens=data.joint.shape[1], images=len(data.ids),
                                        prompts=len(data.joint), memory_budget=memory_budget)
 
@@ -109,7 +111,7 @@ def assemble(accelerator, transformer: torch.nn.Module, data: TrainingSet, sigma
 
     backend = accelerator.device.type
     torch.manual_seed(settings.seed)  # peft draws lora_A from the global generator (B starts at zero)
-    params = lora.attach(transformer, settings.rank, settings.alpha, settings.targets)
+    params = lora.attach(transformer, settings.rank, settings.lora_alpha, settings.targets)
     kind = attention.use(transformer, settings.attention, backend, budget)
     transformer.train()
     draw_u = objective.timestep_density(settings, accelerator.device)
@@ -178,22 +180,12 @@ def run_fingerprint(model: ModelParams, settings: TrainParams, hardware: Hardwar
     split = ("checkpoint_every", "checkpoints_keep", "devices", "batch_size", "gradient_accumulation",
              "effective_batch_size")
     how = {k: v for k, v in dataclasses.asdict(settings).items() if k not in split}
-    how["effective_batch"] = effective_batch(settings, processes)
+    how["effective_batch"] = settings.effective_batch(processes)
     code = [Path(m.__file__) for m in (flow, lora, checkpoint, trainset, objective, loop, state, scaling)]
     code.append(Path(__file__))
     inputs = [p for folder in (latents_dir, embeds_dir) for p in folder.rglob("*") if p.is_file()]
     return checkpoint.fingerprint({"model": dataclasses.asdict(model), "train": how,
                                    "hardware": dataclasses.asdict(hardware), "yem": __version__}, inputs + code)
-
-
-def effective_batch(settings: TrainParams, processes: int) -> int | str:
-    """Images per optimizer step as params fix it; with batch_size auto and no effective_batch_size it depends on
-    what fits, so only the same settings on the same number of processes count as the same run."""
-    if settings.effective_batch_size:
-        return settings.effective_batch_size
-    if settings.batch_size == "auto":
-        return f"auto × {settings.gradient_accumulation} × {processes} processes"
-    return settings.batch_size * settings.gradient_accumulation * processes
 
 
 def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, embeds_dir: Path) -> dict[str, str]:
@@ -203,4 +195,4 @@ def provenance(model: ModelParams, settings: TrainParams, latents_dir: Path, emb
     return {"yem.version": __version__, "yem.base_model": model.id, "yem.base_model_revision": model.revision or "",
             "yem.instance_prompt": cache.read_index(embeds_dir).get("instance", ""),
             "yem.resolution": str(cache.read_index(latents_dir)["resolution"]), "yem.rank": str(settings.rank),
-            "yem.alpha": str(settings.alpha)}
+            "yem.alpha": str(settings.lora_alpha)}
