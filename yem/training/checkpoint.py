@@ -52,6 +52,7 @@ class TrainingState:
     scheduler: dict
     log: RunLog  # per-step rows so far, skipped steps, rollbacks, pauses
     rng: dict  # torch / numpy / python generator states
+    saved: float = 0.0  # when the checkpoint was written (seconds since the epoch), known once it is loaded
 
 
 def capture_rng() -> dict:
@@ -100,7 +101,8 @@ def load_latest(run_dir: Path) -> TrainingState | None:
         rng = torch.load(folder / "rng.pt", weights_only=False)
         return TrainingState(step=json.loads((folder / MANIFEST).read_text())["step"],
                              adapter=load_file(str(folder / "adapter.safetensors")), optimizer=optim["optimizer"],
-                             scheduler=optim["scheduler"], log=log, rng=rng)
+                             scheduler=optim["scheduler"], log=log, rng=rng,
+                             saved=(folder / MANIFEST).stat().st_mtime)
     return None
 
 

@@ -16,7 +16,7 @@ import torch
 
 from yem import atomic, progress
 from yem.data import cache, trainset
-from yem.errors import TrainingStopped
+from yem.errors import StopRequested
 from yem.hardware import device, fallbacks, memory, out_of_memory, peaks, power
 from yem.hardware.record import Hardware
 from yem.model import lora, lora_file
@@ -65,9 +65,8 @@ def run_training(model: ModelParams, settings: TrainParams, hardware: Hardware, 
             if run.log.step % settings.checkpoint_every == 0 or stop:
                 save_checkpoint(run)
             if stop:
-                raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
-                                      f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
-                                      f"command) to resume.")
+                raise StopRequested(f"train: stopped on request after step {run.log.step}/{settings.steps}; "
+                                    f"checkpoint saved in {run.run_dir}. Run the same command again to resume.")
     result = finish(run, out_dir, hardware, latents_dir, resumed_from, started, startup, fell_back)
     return result if run.accelerator.is_main_process else None
 
