@@ -12,6 +12,9 @@ TORCH ?= torch==2.13.0
 SHOWN := $(or $(PYTHON),python3)
 comma := ,
 STAMP := $(VENV)/.yem-deps-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# setuptools warns at every editable install ("Editable installation … same name as your package"); it says
+# nothing about yem, so that one warning is silenced.
+EDITABLE := PYTHONWARNINGS='ignore:Editable installation'
 
 ifeq ($(wildcard $(STAMP)),)
 # The environment is to be made: find its Python first, and stop before anything is created if none fits.
@@ -27,14 +30,15 @@ endif
 $(STAMP):
 	$(FOUND) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip "setuptools>=69"
-	$(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[test,lowmem]"
+	$(EDITABLE) $(VENV)/bin/pip install --quiet "$(TORCH)" -e ".[test,lowmem]"
 	touch $@
 
 install: $(STAMP)
-	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	$(EDITABLE) $(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
 
+# The one-liner with no options: `dvc repro` as one program, ending with where the LoRA, grid and card are.
 demo: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/python -m yem train
 
 test: install
 	$(VENV)/bin/python -m pytest

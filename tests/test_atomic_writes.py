@@ -243,3 +243,25 @@ def test_a_yem_error_outside_reported_is_still_one_line_and_exit_1():
     code = "import stages; from yem.errors import WriteError; raise WriteError('build/x.json: cannot write it. Fix.')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr == "Error: build/x.json: cannot write it. Fix.\n"
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "folder_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
+                                                                (0o002, 0o664, 0o775)])
+def test_outputs_get_the_permissions_the_umask_gives(tmp_path, umask, file_mode, folder_mode):
+    """They were 0600 and 0700 whatever the umask (mkstemp, mkdtemp, safetensors): a LoRA or a card meant to be
+    served or shared was unreadable to everyone else."""
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
+    try:
+        atomic.write_text(tmp_path / "card.md", "# card\n")
+        atomic.write_with(tmp_path / "lora.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+        with atomic.staged_dir(tmp_path / "dist") as staging:
+            (staging / "images").mkdir()
+            save_file({"w": torch.zeros(2)}, str(staging / "images" / "lora.safetensors"))
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "card.md", tmp_path / "lora.safetensors", tmp_path / "dist/images/lora.safetensors"):
+        assert path.stat().st_mode & 0o777 == file_mode, path
+    for path in (tmp_path / "dist", tmp_path / "dist/images"):
+        assert path.stat().st_mode & 0o777 == folder_mode, path

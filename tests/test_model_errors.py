@@ -4,7 +4,11 @@ hub model. No network: HF_HUB_OFFLINE=1 (conftest), and the Hub's refusals are r
 huggingface_hub, so diffusers and transformers wrap them exactly as they do for real."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,3 +146,48 @@ def test_the_latents_stage_stops_in_one_line_and_keeps_its_previous_cache(tmp_pa
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.splitlines()[-1].startswith("Error: model.id 'yem-tests/never-downloaded': not downloaded")
     assert snapshot(project / "build") == before
+
+
+OFFLINE_LOAD = """
+import sys
+from yem.model import sd3
+from yem.params import ModelParams
+try:
+    sd3.load_vae(ModelParams("yem-tests/never-downloaded", None), "cpu")
+except sd3.ModelError as e:
+    sys.exit(str(e))
+"""
+
+
+def test_an_unreachable_hub_is_one_line_without_retries_even_without_hf_hub_offline(tmp_path):
+    """Before, each file was retried five times over about a minute, two lines each, before the message."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))  # port 9: nothing listens
+    done = subprocess.run([sys.executable, "-c", OFFLINE_LOAD], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == ("model.id 'yem-tests/never-downloaded': not downloaded, and the Hub cannot be reached "
+                           "(offline). Log in and download it while online (`hf auth login`, then `hf download "
+                           "yem-tests/never-downloaded`), or set model.id to a local folder.\n")
+
+
+def test_the_hub_check_honours_hf_hub_offline_the_endpoint_and_a_proxy(monkeypatch):
+    from huggingface_hub import constants
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    try:
+        for offline, endpoint, proxy, reachable in [(True, f"http://127.0.0.1:{port}", None, False),
+                                                    (False, f"http://127.0.0.1:{port}", None, True),
+                                                    (False, "http://127.0.0.1:9", None, False),
+                                                    (False, "https://hub.invalid", f"http://127.0.0.1:{port}", True)]:
+            monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+            monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+            for name in ("https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+                monkeypatch.delenv(name, raising=False)
+            if proxy:
+                monkeypatch.setenv("https_proxy", proxy)
+            sd3.hub_reachable.cache_clear()
+            assert sd3.hub_reachable() is reachable, (offline, endpoint, proxy)
+    finally:
+        listening.close()
+        sd3.hub_reachable.cache_clear()

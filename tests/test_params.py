@@ -114,3 +114,35 @@ def test_quantize_base_names_the_key_and_the_nearest_value(tmp_path):
         == "int8"
     found = problems(edited(tmp_path, lambda d: d["train"].update(quantize_base="int4")))
     assert found == ["train.quantize_base: expected 'none' or 'int8' (got 'int4'). Did you mean 'int8'?"]
+
+
+def test_set_values_changes_only_the_lines_of_the_edited_values(tmp_path):
+    """Six settings used to make a 17-line diff: `revision: null` became `revision:`, list items moved, a long
+    prompt was folded. Now each edited value changes its own line and nothing else does."""
+    import difflib
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    set_values(path, {})
+    assert path.read_bytes() == (REPO / "params.yaml").read_bytes()  # a round trip without edits is the same file
+    long_prompt = "a photo of zwx dog: sitting on a red sofa, " + "soft window light, " * 8
+    updates = {"model.id": "stabilityai/stable-diffusion-3-medium-diffusers", "data.instance_dir": "/me/My dog #2",
+               "prompts.instance": "a photo of zwx dog", "data.resolution": 1024, "train.steps": 500,
+               "prompts.validation": [long_prompt, "zwx dog"], "render.seeds": [3, 4]}
+    set_values(path, updates)
+    before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(before, after, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert len(changed) == 2 * 8, "\n".join(changed)  # 7 keys, the validation list has 2 lines
+    assert "+  seeds: [3, 4]" in changed and "  revision: null          # pin" in "\n".join(after)
+    assert f"+    - '{long_prompt}'" in changed
+    params = load_params(path)
+    assert params.prompts.validation == [long_prompt, "zwx dog"] and params.data.instance_dir == "/me/My dog #2"
+
+
+def test_a_single_problem_is_one_line_naming_the_file_and_the_key(tmp_path):
+    path = edited(tmp_path, lambda d: d["data"].update(resolution=1000))
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == (f"{path} data.resolution: must be a multiple of 16 (latent ×8, patch ×2) (got 1000). "
+                                 f"Use 992 or 1008.")

@@ -3,16 +3,17 @@ incremental recomputation asserted from what DVC actually ran."""
 
 import json
 import re
+import shlex
 import sys
 
 import pytest
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from tests.conftest import make_project, run
+from tests.conftest import REPO, make_project, run
 from yem.model import lora_file
 from yem.outputs.render import GRID_CELL, LABEL_HEIGHT, ROW_LABEL_WIDTH
-from yem.params import set_values
+from yem.params import load_params, set_values
 
 pytestmark = pytest.mark.pipeline
 PROMPT = "a photo of zwx cat"  # the repository's params.yaml holds no prompt about this subject
@@ -28,14 +29,20 @@ def repro(folder) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
+def one_liner(tmp_path_factory, tiny_model_dir):
+    """The project, and what the one-liner that built it printed."""
     folder = make_project(tmp_path_factory.mktemp("pipeline") / "project")
     set_values(folder / "params.yaml", {"render.steps": 2, "render.seeds": [0], "train.checkpoint_every": 10,
                                         "export.formats": ["diffusers", "comfyui", "kohya"]})
     result = run([sys.executable, "-m", "yem", "train", "--model", "tiny", "--data", "data/instance", "--prompt",
                   PROMPT, "--resolution", "64", "--batch-size", "auto", "--steps", "30", "--output", "result"], folder)
     assert ran(result) == {"preflight", "encode", "latents", "train", "render", "card"}
-    return folder
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def project(one_liner):
+    return one_liner[0]
 
 
 def this_machine() -> tuple[str, str]:
@@ -81,6 +88,16 @@ def test_validation_follows_the_one_liners_prompt(project):
     assert len(widgets) == 2 and all("zwx cat" in widget["text"] for widget in widgets)
 
 
+def test_the_one_liner_ends_by_saying_where_the_results_are_and_nothing_of_dvc_s_advice(one_liner):
+    folder, result = one_liner
+    shown = dict(re.findall(r"^  (LoRA|grid|loss|card) +(\S+)", result.stdout, re.MULTILINE))
+    assert set(shown) == {"LoRA", "grid", "loss", "card"}, result.stdout
+    assert all((folder / path).is_file() for path in shown.values()), shown
+    said = result.stdout + result.stderr
+    assert not any(advice in said for advice in ("git add dvc.lock", "autostage", "dvc push", "didn't change"))
+    assert "params.yaml train.steps: 120 → 30" in result.stderr  # each value the options changed, once
+
+
 def test_second_repro_runs_nothing_but_the_probe(project):
     assert repro(project) == ALWAYS
 
@@ -115,6 +132,48 @@ def test_experiment_reruns_only_what_the_param_touches(project):
     assert "rank2" in names
 
 
+def readme_command(start: str) -> list[str]:
+    (line,) = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(start)]
+    return shlex.split(line.split("  #")[0])
+
+
+def test_yem_runs_shows_one_readable_row_per_run_with_the_params_that_differ(project):
+    run([sys.executable, "-m", "dvc", "exp", "run", "-S", "render.steps=1", "-n", "quick"], project)  # render, card
+    header, *rows = run([sys.executable, "-m", "yem", "runs"], project).stdout.splitlines()
+    assert re.split(r"\s{2,}", header)[:3] == ["run", "render.steps", "train.rank"]  # what differs, not steps
+    assert all(name in header for name in ("held-out loss", "final loss", "s/step", "peak GiB", "wall", "device"))
+    assert sorted(row.split()[:3] for row in rows) == [["main", "2", "8"], ["quick", "1", "2"], ["rank2", "2", "2"]]
+    assert all(re.search(r"\d\.\d+ → \d\.\d+", row) for row in rows) and all(len(row) <= 120 for row in rows)
+
+
+def test_the_readme_s_dvc_exp_show_fits_a_160_column_terminal(project):
+    table = run([sys.executable, "-m", *readme_command("dvc exp show")], project, env={"COLUMNS": "160"}).stdout
+    assert "…" not in table and max(map(len, table.splitlines())) <= 160, table
+    assert all(name in table for name in ("[quick]", "[rank2]", "train.rank", "heldout_loss_after", "s_per_step"))
+
+
+def test_dvc_plots_show_warns_of_nothing_and_plots_diff_draws_every_run(project):
+    """The grid was declared as data ("DVC failed to load some plots"); an image plot is declared by its path."""
+    shown = run([sys.executable, "-m", "dvc", "plots", "show", "--json"], project)
+    assert shown.stderr == "" and "errors" not in json.loads(shown.stdout)
+    kinds = {path: {plot["type"] for plot in plots} for path, plots in json.loads(shown.stdout)["data"].items()}
+    assert kinds == {"build/validation/grid.png": {"image"}, "metrics/train_steps.tsv": {"vega"}}
+    diff = run([sys.executable, "-m", "dvc", "plots", "diff", "rank2", "quick", "--json"], project)
+    (curve,) = json.loads(diff.stdout)["data"]["metrics/train_steps.tsv"]
+    assert diff.stderr == "" and curve["revisions"] == ["rank2", "quick"]
+
+
+def test_the_export_file_names_the_readme_gives_are_the_ones_written(project, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    named = set(re.findall(r"`(?:dist/)?((?:<name>_\w+|pytorch_lora_weights)\.safetensors)`", readme))
+    assert named == {"pytorch_lora_weights.safetensors", "<name>_comfyui.safetensors", "<name>_kohya.safetensors"}
+    name = load_params(project / "params.yaml").export.name
+    assert all((project / "dist" / file.replace("<name>", name)).is_file() for file in named)
+    run([sys.executable, "-m", "yem", "export", "--format", "comfyui", "--lora", "dist", "--out", str(tmp_path)],
+        project)  # a LoRA trained earlier keeps its name
+    assert [p.name for p in tmp_path.iterdir()] == [f"{name}_comfyui.safetensors"]
+
+
 def test_a_fresh_clone_restores_everything_from_a_shared_remote(project, tmp_path):
     """One machine pushes the cache and run-cache; a fresh clone pulls them and `dvc repro` runs no stage
     (beyond the always-run probe): embeddings, latents, LoRA, renders and the card come from the remote."""
@@ -131,3 +190,17 @@ def test_a_fresh_clone_restores_everything_from_a_shared_remote(project, tmp_pat
     for path in ("build/embeds/index.json", "build/latents/index.json", "build/lora/pytorch_lora_weights.safetensors",
                  "build/validation/grid.png", "dist/README.md"):
         assert (clone / path).read_bytes() == (project / path).read_bytes(), path
+
+
+def test_a_failed_one_liner_is_one_line_and_leaves_params_yaml_and_dist_as_they_were(project, tmp_path):
+    """It printed the stage's line, DVC's "ERROR: failed to reproduce", then "dvc repro failed … Fix it", and kept
+    the bad value in params.yaml."""
+    (tmp_path / "empty").mkdir()
+    params, dist = (project / "params.yaml").read_bytes(), {p: p.read_bytes() for p in (project / "dist").rglob("*.*")}
+    result = run([sys.executable, "-m", "yem", "train", "--data", str(tmp_path / "empty")], project, check=False)
+    assert result.returncode == 1
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert said[-1].startswith("Error: ") and "empty" in said[-1], result.stderr
+    assert said[:-1] == [f"params.yaml data.instance_dir: data/instance → {tmp_path / 'empty'}"], result.stderr
+    assert (project / "params.yaml").read_bytes() == params
+    assert {p: p.read_bytes() for p in (project / "dist").rglob("*.*")} == dist

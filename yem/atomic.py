@@ -3,7 +3,8 @@
 A reader (or a resumed run) sees either the old file or the complete new one, never a half-written file,
 even if the process is killed or the disk fills up mid-write. Temporaries are hidden and carry the writer's
 process id: those a killed writer left behind are removed by the next write to the same target. A full disk
-or a read-only folder becomes a WriteError that names the target and says what to do.
+or a read-only folder becomes a WriteError that names the target and says what to do. What is published gets the
+permissions the user's umask gives, as any file they create would (0644 and 0755 by default).
 """
 
 import errno
@@ -46,6 +47,7 @@ def staged_path(target: Path) -> Iterator[Path]:
         with _explained(target, WRITE_ONLY):
             yield tmp
         with _explained(target, set(DISK_PROBLEMS)):
+            _as_umask_gives(tmp)
             _fsync(tmp)
             os.replace(tmp, target)
     except BaseException:
@@ -84,7 +86,8 @@ def staged_dir(target: Path) -> Iterator[Path]:
         with _explained(target, WRITE_ONLY):
             yield tmp
         with _explained(target, set(DISK_PROBLEMS)):
-            for path in tmp.rglob("*"):
+            for path in [tmp, *tmp.rglob("*")]:
+                _as_umask_gives(path)
                 if path.is_file():
                     _fsync(path)
             _swap_in(tmp, target)
@@ -144,6 +147,16 @@ def _nearly_full(folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 1 << 20
     except OSError:
         return False
+
+
+def _as_umask_gives(path: Path) -> None:
+    """Give `path` the permissions a plain open() or mkdir() would (0644 and 0755 under the usual umask 022):
+    mkstemp and mkdtemp make their files private, and so do some writers (safetensors)."""
+    if path.is_symlink():
+        return
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _prefix(target: Path) -> str:

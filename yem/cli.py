@@ -6,20 +6,14 @@ that `dvc repro` and `dvc exp run` run, and shares every cache with them.
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from yem import paths
+from yem import atomic, paths
 from yem.errors import YemError
-
-# When a real model replaces the tiny demo model, keys the user did not set take values suited to SD3.
-# data.resolution becomes the model's own (its config's sample_size × 8) unless --resolution is given.
-REAL_MODEL_DEFAULTS = {"train.learning_rate": 1e-4, "train.steps": 500, "render.steps": 28,
-                       "render.guidance_scale": 7.0}
-NATIVE_RESOLUTION = 1024  # every SD3 and SD3.5 model: what a model yem cannot read the config of trains at
 
 
 class Commands(click.Group):
@@ -64,65 +58,113 @@ def _batch_size(value: str) -> int | str:
 @click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
 def train(model, data, prompt, resolution, batch_size, steps, rank, alpha, lr, validation_prompt, output,
           params_path) -> None:
-    """Set params.yaml from the options and run the whole pipeline (dvc repro)."""
-    from yem.params import load_params, set_values
+    """Set params.yaml from the options and run the whole pipeline (dvc repro). Stop it any way you like (Ctrl-C,
+    kill, closing the terminal): it saves a checkpoint, and the same command resumes. If the run fails,
+    params.yaml is put back as it was."""
+    from yem.pipeline import options, repro
 
+    project = _project(params_path)
+    given = {"model.id": model, "data.instance_dir": data, "prompts.instance": prompt, "data.resolution": resolution,
+             "train.batch_size": batch_size, "train.steps": steps, "train.rank": rank, "train.alpha": alpha,
+             "train.learning_rate": lr, "prompts.validation": list(validation_prompt) or None}
+    current = _loaded(params_path)
+    before = params_path.read_text(encoding="utf-8")
+    edits = options.updates(given, options.value_in(current, "model.id"), project)
+    written = _set(params_path, edits, current)
+    outcome = repro.run(project, _environment())
+    if outcome.status == repro.FAILED and written != before and _unchanged(params_path, written):
+        atomic.write_text(params_path, before)  # a failed run leaves params.yaml as it found it
+    if outcome.status != repro.DONE:
+        _end(outcome)
+    if output:
+        shutil.copytree(project / paths.DIST, output, dirs_exist_ok=True)
+        click.echo(f"result copied to {output}", err=True)
+    click.echo(_where_results_are(project))
+
+
+@main.command()
+@click.option("--params", "params_path", type=click.Path(path_type=Path), default="params.yaml", show_default=True)
+def reset(params_path: Path) -> None:
+    """Put back the demo: every value `yem train` sets returns to the one params.yaml ships with (the offline tiny
+    model and the bundled photos). Other keys are left as they are."""
+    from yem.pipeline import options
+
+    _project(params_path)
+    _set(params_path, options.DEMO, _loaded(params_path))
+
+
+@main.command()
+@click.option("--commits", type=int, default=10, show_default=True,
+              help="runs of this many recent commits and their experiments; 0: every commit")
+@click.option("--project", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True)
+def runs(commits: int, project: Path) -> None:
+    """Compare the runs: one row each, with the params that differ, held-out loss before → after, final loss,
+    s/step, peak memory, wall time and device. A run is an experiment (`dvc exp run`), a commit with results, or
+    the workspace."""
+    from yem.pipeline.runs import read_runs, table
+
+    found = read_runs(_project(project / "params.yaml"), commits)
+    if not found:
+        raise YemError(f"{project.resolve()}: no runs with results yet. Run `yem train` or `dvc exp run` first.")
+    click.echo(table(found))
+
+
+def _project(params_path: Path) -> Path:
     project = params_path.resolve().parent
     if not (project / "dvc.yaml").exists():
         raise YemError(f"{project}: no dvc.yaml here. Run yem from the yem project folder, or pass --params "
                        f"path/to/params.yaml.")
-    explicit = {"model.id": model, "data.instance_dir": _portable(data, project), "prompts.instance": prompt,
-                "data.resolution": resolution, "train.batch_size": batch_size, "train.steps": steps,
-                "train.rank": rank, "train.alpha": alpha, "train.learning_rate": lr,
-                "prompts.validation": list(validation_prompt) or None}
-    updates = {key: value for key, value in explicit.items() if value is not None}
-    if rank is not None and alpha is None:
-        updates["train.alpha"] = None  # null: alpha follows the rank
-    if prompt is not None and not validation_prompt:
-        updates["prompts.validation"] = None  # null: rendered prompts follow the new instance prompt
-    if model not in (None, "tiny"):
-        defaults = {**REAL_MODEL_DEFAULTS, "data.resolution": _native_resolution(model)}
-        updates = {**{k: v for k, v in defaults.items() if k not in updates}, **updates}
-    if updates:
-        set_values(params_path, updates)
-        for key, value in updates.items():
-            click.echo(f"params.yaml {key}: {'null' if value is None else value}", err=True)
-    load_params(params_path)
-    _repro(project)
-    if output:
-        shutil.copytree(project / paths.DIST, output, dirs_exist_ok=True)
-        click.echo(f"result copied to {output}", err=True)
+    return project
 
 
-def _native_resolution(model_id: str) -> int:
-    """The resolution `model_id` was trained at, from its config (downloaded or local) or yem's table of SD3 models,
-    without loading weights; SD3's 1024 px for one yem cannot see yet."""
-    from yem.model.architecture import architecture_for
+def _loaded(params_path: Path) -> dict:
+    """params.yaml as it is, sections and all, or {} when it has none (set_values then says what is wrong)."""
+    from yem.params import read_yaml
 
-    try:
-        return architecture_for(model_id).native_resolution
-    except YemError:
-        return NATIVE_RESOLUTION
+    raw = read_yaml(params_path)
+    return raw if isinstance(raw, dict) else {}
 
 
-def _portable(folder: Path | None, project: Path) -> str | None:
-    if folder is None:
-        return None
-    folder = folder.expanduser().resolve()
-    return folder.relative_to(project).as_posix() if folder.is_relative_to(project) else str(folder)
+def _set(params_path: Path, edits: dict, current: dict) -> str:
+    """Write `edits` into params.yaml (all or nothing), say what changed, and return the file's text."""
+    from yem.params import set_values
+    from yem.pipeline import options
+
+    text = set_values(params_path, edits)
+    for line in options.changes(edits, current):
+        click.echo(line, err=True)
+    return text
 
 
-def _repro(project: Path) -> None:
-    """Run `dvc repro` with this Python's environment first on PATH (the stages run `python -m stages.x`)."""
+def _unchanged(params_path: Path, written: str) -> bool:
+    """Whether params.yaml still holds what we wrote (nobody edited it while the pipeline ran)."""
+    return params_path.read_text(encoding="utf-8") == written
+
+
+def _environment() -> dict[str, str]:
+    """This Python's environment first on PATH: the stages run `python -m stages.x`."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
-    dvc = shutil.which("dvc", path=env["PATH"])
-    if dvc is None:
-        raise YemError("dvc: not found next to this Python. Install yem's dependencies: pip install -e .")
-    result = subprocess.run([dvc, "repro"], cwd=project, env=env)
-    if result.returncode != 0:
-        raise YemError(f"dvc repro failed (exit {result.returncode}); the stage's message is above. Fix it and "
-                       f"rerun the same command: finished stages are not repeated.")
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+
+
+def _end(outcome) -> NoReturn:
+    """Exit as the run ended; say how it stopped unless a stage or dvc already has."""
+    if not outcome.said:
+        try:  # after a hangup the terminal may be gone
+            click.echo(f"yem: stopped by {outcome.signal}. Run the same command again to continue: finished "
+                       f"stages and saved checkpoints are kept.", err=True)
+        except OSError:
+            pass
+    sys.exit(outcome.status)
+
+
+def _where_results_are(project: Path) -> str:
+    dist = project / paths.DIST
+    shown = Path(os.path.relpath(dist)) if dist.is_relative_to(Path.cwd()) else dist
+    loras = "\n".join(f"  LoRA   {shown / f.name}" for f in sorted(dist.glob("*.safetensors")))
+    return (f"Done. The results are in {shown}/:\n{loras}\n  grid   {shown / 'images' / 'grid.png'} (top row "
+            f"without the LoRA, bottom row with it)\n  loss   {shown / 'images' / 'loss.png'}\n  card   "
+            f"{shown / 'README.md'}\nCompare runs: yem runs. Share: yem push --repo-id <you>/<name>.")
 
 
 @main.command("export")

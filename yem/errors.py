@@ -10,8 +10,12 @@ class ParamsError(YemError):
 
     def __init__(self, path: str, problems: list[str]):
         self.problems = problems
-        lines = "\n".join(f"  {path} {problem}" for problem in problems)
-        super().__init__(f"{path}: {len(problems)} problem(s) with the params:\n{lines}")
+        where = [f"{path}{problem}" if problem.startswith(":") else f"{path} {problem}" for problem in problems]
+        if len(where) == 1:
+            super().__init__(where[0])
+        else:
+            lines = "\n".join(f"  {line}" for line in where)
+            super().__init__(f"{path}: {len(problems)} problems with the params:\n{lines}")
 
 
 class DataError(YemError):
@@ -36,3 +40,12 @@ class HardwareError(YemError):
 
 class TrainingStopped(YemError):
     """Training stopped early on purpose (signal, heat); rerunning resumes from the last checkpoint."""
+
+
+class StopRequested(TrainingStopped):
+    """Someone asked the run to stop (Ctrl-C, kill, an IDE's stop button, a closed terminal) and it did, cleanly.
+
+    Not a failure: the stage prints the message without "Error:" and exits with EXIT_STATUS, the status a shell
+    gives a program stopped by SIGINT, so `yem train` knows the stage has already said how to resume."""
+
+    EXIT_STATUS = 130

@@ -178,7 +178,11 @@ class Params:
 def load_params(path: Path | str) -> Params:
     """Read and validate params.yaml; raise ParamsError listing every problem found."""
     path = Path(path)
-    raw = read_yaml(path)
+    return _validated(read_yaml(path), path)
+
+
+def _validated(raw: Any, path: Path) -> Params:
+    """The Params in `raw` (params.yaml as loaded, from `path`); raise ParamsError listing every problem found."""
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ParamsError(str(path), [f": expected sections like 'train:' at the top level (got {kind(raw)})."])
@@ -217,40 +221,75 @@ def _across_sections(sections: dict[str, Any]) -> list[str]:
 
 
 def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(str(path), [": file not found. Run from the project folder or pass --params."]) from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(str(path), [f": not valid YAML ({e}). Fix the syntax."]) from None
+    return _parsed(text, path)
+
+
+def _parsed(text: str, path: Path) -> Any:
     from ruamel.yaml import YAML, YAMLError
 
     try:
-        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ParamsError(str(path), [": file not found. Run from the project folder or pass --params."]) from None
-    except (YAMLError, UnicodeDecodeError) as e:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as e:
         detail = " ".join(str(e).split())
         raise ParamsError(str(path), [f": not valid YAML ({detail}). Fix the syntax."]) from None
 
 
-def set_values(path: Path, updates: dict[str, Any]) -> None:
-    """Set dotted keys (`train.rank`) in params.yaml, keeping its comments, then check the result loads."""
-    from ruamel.yaml import YAML
-
+def set_values(path: Path, updates: dict[str, Any]) -> str:
+    """Set dotted keys (`train.rank`) in params.yaml and return its new text. Nothing is written unless the whole
+    file validates with the new values; then it is replaced atomically. Only the edited values' lines change:
+    comments, quoting, `null`s, list styles and long lines round-trip as they were."""
     from yem import atomic
 
-    yaml = YAML()  # round-trip mode: comments and order survive
-    yaml.preserve_quotes = True
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = yaml.load(path.read_text(encoding="utf-8"))
-    for dotted, value in updates.items():
-        section, _, key = dotted.partition(".")
-        if section not in doc or key not in doc[section]:
-            raise ParamsError(str(path), [f"{dotted}: no such key to set. Check the spelling."])
-        doc[section][key] = value
+    old = path.read_text(encoding="utf-8")
+    new = _edited(old, updates, path)
+    _validated(_parsed(new, path), path)  # refuse to write a params file that does not validate
+    if new != old:
+        atomic.write_text(path, new)
+    return new
+
+
+def _edited(text: str, updates: dict[str, Any], path: Path) -> str:
     from io import StringIO
 
+    from ruamel.yaml.comments import CommentedSeq
+
+    yaml = _round_trip_yaml()
+    doc = yaml.load(text)
+    for dotted, value in updates.items():
+        section, _, key = dotted.partition(".")
+        if not isinstance(doc.get(section), dict) or key not in doc[section]:
+            raise ParamsError(str(path), [f"{dotted}: no such key to set. Check the spelling."])
+        old = doc[section][key]
+        if old == value and isinstance(old, bool) == isinstance(value, bool):
+            continue  # unchanged: keep how it is written (1.0e-3 stays 1.0e-3)
+        if isinstance(old, CommentedSeq) and isinstance(value, list):
+            old[:] = value  # in place: the list keeps its [flow] or block style and its comments
+        else:
+            doc[section][key] = value
     buffer = StringIO()
     yaml.dump(doc, buffer)
-    staged = path.with_name(f".{path.name}.check")
-    try:
-        staged.write_text(buffer.getvalue(), encoding="utf-8")
-        load_params(staged)  # refuse to write a params file that does not validate
-    finally:
-        staged.unlink(missing_ok=True)
-    atomic.write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _round_trip_yaml():
+    """ruamel set up to write params.yaml back as yem lays it out: `null` stays `null` (ruamel would write nothing),
+    list items sit two columns in, and a long prompt is never folded over two lines."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):  # a subclass: registering on RoundTripRepresenter would change
+        pass  # every YAML() of the process
+
+    Representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml = YAML()  # round trip: comments, key order, 1.0e-3 and quotes survive
+    yaml.Representer = Representer
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096
+    return yaml

@@ -95,7 +95,11 @@ def file_name(fmt: str, name: str) -> str:
 
 
 def lora_name(path: Path) -> str:
-    """The name `file_name` was given for `path` (`rex_kohya.safetensors` -> rex), or "lora" for diffusers'."""
+    """The LoRA's name: the one the card stage recorded in its header (export.name), else the one `file_name` gave
+    it (`rex_kohya.safetensors` -> rex), else "lora"."""
+    recorded = lora_file.read_metadata(path).get("yem.name")
+    if recorded:
+        return recorded
     if path.name == lora_file.WEIGHT_NAME:
         return "lora"
     return next((path.stem.removesuffix(f"_{fmt}") for fmt in FORMATS if path.stem.endswith(f"_{fmt}")), path.stem)

@@ -4,6 +4,7 @@
 (pinned by `model.revision`). Hub downloads and gated repos fail with a message that says what to do.
 """
 
+import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,10 +41,44 @@ def model_source(model: ModelParams) -> tuple[str, dict[str, Any]]:
     if model.id == "tiny":
         return str(ensure_tiny_model()), {"local_files_only": True}
     folder = Path(model.id).expanduser()
-    if folder.exists() or model.id.startswith((".", "/", "~")) or not _is_hub_id(model.id):
-        _check_pipeline_folder(folder, model.id)
+    if folder.exists() or model.id.startswith((".", "/", "~")) or not is_hub_id(model.id):
+        check_pipeline_folder(folder, model.id)
         return str(folder), {"local_files_only": True}
-    return model.id, {"revision": model.revision}
+    offline = {} if hub_reachable() else {"local_files_only": True}  # the local cache, without retry noise
+    return model.id, {"revision": model.revision, **offline}
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub (or the HTTPS proxy in between) accepts a connection, asked once per process. Unreachable,
+    the libraries would retry each file for about a minute; instead a model then loads from the local cache or
+    fails at once with one line. HF_HUB_OFFLINE=1 counts as unreachable."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    via = urllib.request.getproxies().get(endpoint.scheme)
+    target = urlsplit(via) if via and not urllib.request.proxy_bypass(endpoint.hostname) else endpoint
+    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    answered = []
+
+    def connect() -> None:  # in a thread: a name lookup that hangs is bounded by the join below too
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return bool(answered)
 
 
 def transformer_config(model: ModelParams) -> dict:
@@ -132,7 +167,7 @@ def load_render_pipeline(model: ModelParams, dtype, device):
     return pipeline.to(device)
 
 
-def _is_hub_id(text: str) -> bool:
+def is_hub_id(text: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -143,7 +178,7 @@ def _is_hub_id(text: str) -> bool:
     return True
 
 
-def _check_pipeline_folder(folder: Path, given: str) -> None:
+def check_pipeline_folder(folder: Path, given: str) -> None:
     """Refuse, before any weights load, a folder that is missing or is not an SD3 diffusers pipeline."""
     if not folder.is_dir():
         raise ModelError(f"model.id: folder {given} does not exist (nor is it a Hub id like namespace/name). Fix "
@@ -167,10 +202,14 @@ def _check_pipeline_folder(folder: Path, given: str) -> None:
 @contextmanager
 def _explained(model: ModelParams, part: str) -> Iterator[None]:
     """Turn hub and file errors met while loading `part` (vae, transformer, ...) into one line that says what to do."""
+    import warnings
+
     from safetensors import SafetensorError
 
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers still passes it; says nothing to someone loading a model
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     except (OSError, ValueError, SafetensorError) as e:
         hub_error = _hub_error(e)
         detail = " ".join(str(hub_error or e).split())[:300]

@@ -53,6 +53,7 @@ class TrainingState:
     scaler: dict  # the fp16 loss scaler's state ({} when it does not scale)
     log: RunLog  # per-step rows so far, skipped steps, rollbacks, pauses
     rng: dict  # torch / numpy / python generator states
+    saved: float = 0.0  # when the checkpoint was written (seconds since the epoch), known once it is loaded
 
 
 def capture_rng() -> dict:
@@ -102,7 +103,8 @@ def load_latest(run_dir: Path) -> TrainingState | None:
         rng = torch.load(folder / "rng.pt", weights_only=False)
         return TrainingState(step=json.loads((folder / MANIFEST).read_text())["step"],
                              adapter=load_file(str(folder / "adapter.safetensors")), optimizer=optim["optimizer"],
-                             scheduler=optim["scheduler"], scaler=optim["scaler"], log=log, rng=rng)
+                             scheduler=optim["scheduler"], scaler=optim["scaler"], log=log, rng=rng,
+                             saved=(folder / MANIFEST).stat().st_mtime)
     return None
 
 

@@ -16,7 +16,7 @@ import torch
 
 from yem import atomic, progress
 from yem.data import cache, trainset
-from yem.errors import TrainingStopped
+from yem.errors import StopRequested
 from yem.hardware import device, fallbacks, memory, out_of_memory, peaks, power
 from yem.hardware.record import Hardware
 from yem.model import lora, lora_file
@@ -75,9 +75,8 @@ def train_to_the_end(run: Run, stop: StopRequest, bar, startup: setup.Startup) -
         if run.log.step % settings.checkpoint_every == 0 or stop:
             save_checkpoint(run)
         if stop:
-            raise TrainingStopped(f"train: stopped by {stop.signal} after step {run.log.step}/{settings.steps}; "
-                                  f"checkpoint saved in {run.run_dir}. Rerun `dvc repro` (or the same "
-                                  f"command) to resume.")
+            raise StopRequested(f"train: stopped on request after step {run.log.step}/{settings.steps}; "
+                                f"checkpoint saved in {run.run_dir}. Run the same command again to resume.")
 
 
 def train_window(run: Run, stop: StopRequest, bar) -> tuple:

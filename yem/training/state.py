@@ -64,6 +64,10 @@ def resume_or_start(run: Run) -> None:
     """Restore the newest checkpoint of this run, or start its log afresh."""
     state = checkpoint.load_latest(run.run_dir)
     if state is not None:
+        if run.accelerator.is_main_process:
+            saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.saved))
+            progress.note(f"resuming from step {state.step} of {run.settings.steps} (checkpoint saved {saved})",
+                          prefix="train")
         restore(run, state, state.log)
         run.log = copy.deepcopy(state.log)
     else:

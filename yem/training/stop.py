@@ -1,13 +1,18 @@
-"""Stopping cleanly on request: SIGINT (Ctrl-C) or SIGTERM finish the current step, then the caller saves.
+"""Stopping cleanly on request: SIGINT (Ctrl-C), SIGTERM (kill, an IDE's stop button, a process manager) or SIGHUP
+(the terminal closed) finish the current step, then the caller saves a checkpoint.
 
 A second Ctrl-C interrupts at once (KeyboardInterrupt) for someone who really means it; the newest complete
-checkpoint is still there to resume from.
+checkpoint is still there to resume from. A signal ignored when the stage started (`nohup`, `cmd &` in a script)
+stays ignored, as for any program.
 """
 
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+# SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclass
@@ -21,7 +26,7 @@ class StopRequest:
 
 @contextmanager
 def stop_requests() -> Iterator[StopRequest]:
-    """SIGINT/SIGTERM set the request the loop checks after each step (a second SIGINT interrupts at once)."""
+    """A stop signal sets the request the loop checks after each step (a second SIGINT interrupts at once)."""
     request = StopRequest()
 
     def handler(signum, frame):
@@ -29,7 +34,8 @@ def stop_requests() -> Iterator[StopRequest]:
             raise KeyboardInterrupt
         request.signal = request.signal or signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    watched = [s for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in watched}
     try:
         yield request
     finally:
