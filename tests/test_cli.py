@@ -9,13 +9,14 @@ from click.testing import CliRunner
 from tests.conftest import REPO
 from yem import cli
 from yem.params import load_params
+from yem.pipeline import repro
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    monkeypatch.setattr(cli, "_repro", lambda project: None)
+    monkeypatch.setattr(repro, "run", lambda project, env: repro.Outcome(repro.DONE, said=False))
     return tmp_path / "params.yaml"
 
 
@@ -29,7 +30,7 @@ def test_a_real_model_without_resolution_trains_at_its_native_resolution(project
     loaded = one_liner(project, "--model", "stabilityai/stable-diffusion-3.5-medium")
     assert loaded.data.resolution == 1024  # sample_size 128 × the VAE's 8, from yem's table of SD3 models
     assert one_liner(project, "--model", "someone/unknown-sd3-finetune").data.resolution == 1024
-    assert one_liner(project, "--model", "tiny").data.resolution == 1024  # tiny changes nothing it did not set
+    assert one_liner(project, "--model", "tiny").data.resolution == 128  # back to the demo: the demo's settings
     assert one_liner(project, "--model", "stabilityai/stable-diffusion-3.5-medium",
                      "--resolution", "512").data.resolution == 512
 

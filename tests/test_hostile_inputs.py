@@ -425,7 +425,7 @@ def test_a_caption_longer_than_the_token_limit_is_truncated_with_a_warning_namin
     ("  rank: 4 ", "  rank: 4\n  rank: 8 ", "found duplicate key \"rank\""),
     ("resolution: 128 ", "resolution: 100 ", "data.resolution: must be a multiple of 16 (latent ×8, patch ×2) "
                                              "(got 100). Use 96 or 112."),
-    ("learning_rate: 1.0e-3", "learning_rate: fast", "train.learning_rate: expected a number (got 'fast')."),
+    ("learning_rate: 0.001", "learning_rate: fast", "train.learning_rate: expected a number (got 'fast')."),
     ("  rank: 4", "\trank: 4", "not valid YAML")])
 def test_params_problems_missing_from_test_params(tmp_path, old, new, problem):
     text = (REPO / "params.yaml").read_text()

@@ -150,7 +150,7 @@ def test_reset_brings_the_demo_back_byte_for_byte_after_a_real_model(project, ti
     shutil.copytree(tiny_model_dir, real)
     tried = {"model.id": str(real), "data.instance_dir": str(project / "photos"), "train.rank": 16}
     edits = options.updates(tried, "tiny", project)
-    assert edits["model.id"] == "sd3" and edits["train.learning_rate"] == 1e-4 and edits["train.alpha"] == 16
+    assert edits["model.id"] == "sd3" and edits["train.learning_rate"] == 1e-4 and edits["train.alpha"] is None
     set_values(project / "params.yaml", edits)
     assert (project / "params.yaml").read_bytes() != (REPO / "params.yaml").read_bytes()
     result = CliRunner().invoke(cli, ["reset", "--params", str(project / "params.yaml")])
