@@ -11,18 +11,13 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, split_bound
 from tests.test_resume import wait_for_checkpoint
 from yem.hardware.record import Hardware
 from yem.model import lora_file
 from yem.params import set_values
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-# Half precision: a batch of 2 on one GPU and of 1 on each of two run different kernels, which round differently
-# (2.1-2.2e-3 apart after 8 and 40 steps, measured on two H100s in bf16).
-HALF_PRECISION_BOUND = 1e-2
 
 
 def processes_hardware(root, hardware: Hardware) -> Hardware:
@@ -32,12 +27,6 @@ def processes_hardware(root, hardware: Hardware) -> Hardware:
         hardware = dataclasses.replace(hardware, backend="cpu", dtype="float32")
     hardware.save(root / "hardware.json")
     return hardware
-
-
-def bound(hardware: Hardware, fp32: float) -> float:
-    """How far apart runs that split the same effective batch differently may end: in fp32 only the order of
-    floating-point sums differs."""
-    return fp32 if hardware.dtype == "float32" else HALF_PRECISION_BOUND
 
 
 def params_file(root, name: str, values: dict):
@@ -79,10 +68,10 @@ def test_two_processes_match_one_process_with_the_same_effective_batch(cached_pr
     assert single["effective_batch_size"] == double["effective_batch_size"] == 2
     # Same samples, same noise, same averaged gradient: only the order of floating-point sums differs.
     worst = largest_difference(root, "one-process", "two-processes")
-    assert worst < bound(hardware, 1e-5), worst
+    assert worst < split_bound(hardware.dtype, 1e-5), worst
     assert max(abs(x - y) for x, y in zip(*[[float(r.split("\t")[1]) for r in (root / f"{n}.tsv").read_text()
                                              .splitlines()[1:]] for n in ("one-process", "two-processes")])) \
-        < bound(hardware, 1e-4)
+        < split_bound(hardware.dtype, 1e-4)
 
 
 def test_a_run_killed_on_two_processes_resumes_on_one_with_the_same_effective_batch(cached_project):
@@ -102,7 +91,7 @@ def test_a_run_killed_on_two_processes_resumes_on_one_with_the_same_effective_ba
     resumed = train_stage(root, "split", devices=1, batch=2, steps=40)
     assert 4 <= resumed["resumed_from_step"] < 40 and resumed["world_size"] == 1
     worst = largest_difference(root, "whole", "split")
-    assert worst < bound(hardware, 1e-4), worst
+    assert worst < split_bound(hardware.dtype, 1e-4), worst
 
 
 def render_stage(root, name: str, devices: int, lora: str) -> dict:

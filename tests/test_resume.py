@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
+from tests.conftest import REPO, split_bound
 from yem.errors import StopRequested, TrainingStopped
 from yem.model import lora_file
 from yem.params import set_values
@@ -339,7 +339,7 @@ def test_batch_size_auto_plans_then_backs_off_on_out_of_memory_with_the_same_res
     assert (metrics["batch_size"], metrics["gradient_accumulation"], metrics["memory_backoffs"]) == (2, 2, 1)
     assert "out of memory at batch 4 × 1" in metrics["batch_plan"]
     a, b = weights(cached_project[0] / "batch-fixed"), weights(cached_project[0] / "batch-auto")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only the order of sums differs
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < split_bound(cached_project[2].dtype, 1e-5)
     assert fixed.metrics()["effective_batch_size"] == metrics["effective_batch_size"] == 4
 
 
@@ -387,4 +387,4 @@ def test_batch_auto_on_two_memory_budgets_trains_the_same_lora(cached_project, m
         plans[name] = (result.batch_size, result.gradient_accumulation)
     assert plans == {"roomy": (4, 1), "tight": (2, 2)}
     a, b = weights(root / "budget-roomy"), weights(root / "budget-tight")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only the order of sums differs
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < split_bound(hardware.dtype, 1e-5)

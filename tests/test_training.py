@@ -92,8 +92,11 @@ def test_compiled_blocks_that_recompute_activations_train_like_eager_ones(projec
     assert [r["loss"] for r in compiled.rows] == pytest.approx([r["loss"] for r in eager.rows], rel=rel)
     root = project[0]
     a, b = (load_file(root / name / lora_file.WEIGHT_NAME) for name in ("lora-eager", "lora-compiled"))
-    for key in a:  # the adapter trains in fp32 whatever the base's precision: its updates carry the base's rounding
-        torch.testing.assert_close(b[key], a[key], rtol=10 * rel, atol=1e-5 if hardware.dtype == "float32" else 1e-3)
+    # The adapter trains in fp32 whatever the base's precision: its updates carry the base's rounding. Adam moves a
+    # weight by about the learning rate (1e-3) per step whatever its gradient's size, so in half precision a weight
+    # whose gradient is near zero may take other steps: up to 4 steps × 1e-3 apart (2.1e-3 seen on an H200, bf16).
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=10 * rel, atol=1e-5 if hardware.dtype == "float32" else 4e-3)
 
 
 def test_compile_auto_compiles_only_long_runs_on_cuda(project):
