@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,20 @@ def cached_project(tmp_path_factory, tiny_model_dir):
                      checked.captions["captions"], root / "embeds")
     write_latents(params.model, data, checked.hardware, checked.images["samples"], root, root / "latents")
     return root, dataclasses.replace(params, data=data), checked.hardware
+
+
+def interrupt_after_step(monkeypatch, step: int):
+    """Make in-process training send itself SIGINT right after its optimizer step `step` (0-based), as if Ctrl-C
+    came in during the next one; returns the unpatched step, to put back for the rerun."""
+    import yem.training.loop
+
+    original = yem.training.loop.update
+
+    def update_then_signal(run, at: int):
+        loss = original(run, at)
+        if at == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(yem.training.loop, "update", update_then_signal)
+    return original

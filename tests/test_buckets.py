@@ -4,15 +4,13 @@ resumed bit for bit."""
 
 import dataclasses
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_after_step
 from tests.images import toy_subject
 from yem.data import buckets, images
 from yem.data.buckets import Bucket
@@ -142,15 +140,7 @@ def test_a_killed_mixed_bucket_run_resumes_bit_for_bit(mixed_project, monkeypatc
     from yem.model import lora_file
 
     reference = train(mixed_project, "reference")
-    original = yem.training.loop.update
-
-    def update_then_signal(run, step):
-        loss = original(run, step)
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(yem.training.loop, "update", update_then_signal)
+    original = interrupt_after_step(monkeypatch, 5)
     with pytest.raises(TrainingStopped):
         train(mixed_project, "resumed")
     monkeypatch.setattr(yem.training.loop, "update", original)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, split_bound
+from tests.conftest import REPO, interrupt_after_step, split_bound
 from yem.errors import StopRequested, TrainingStopped
 from yem.model import lora_file
 from yem.params import set_values
@@ -58,15 +58,7 @@ def test_sigint_mid_run_then_rerun_matches_an_uninterrupted_run(cached_project, 
     import yem.training.setup
     import yem.training.state
 
-    original = yem.training.loop.update
-
-    def update_then_signal(run, step):
-        loss = original(run, step)
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came in during step 7
-        return loss
-
-    monkeypatch.setattr(yem.training.loop, "update", update_then_signal)
+    original = interrupt_after_step(monkeypatch, 6)
     with pytest.raises(StopRequested, match=r"stopped on request after step 7/12.*Run the same command again"):
         train(cached_project, "interrupted")
     monkeypatch.setattr(yem.training.loop, "update", original)

@@ -2,12 +2,11 @@
 skipped and counted apart from non-finite steps, and an interrupted fp16 run resumes with the scale it had."""
 
 import dataclasses
-import os
-import signal
 
 import pytest
 import torch
 
+from tests.conftest import interrupt_after_step
 from tests.test_resume import assert_same_run, settings
 from yem.errors import TrainingStopped
 from yem.training import scaling
@@ -80,15 +79,7 @@ def test_fp16_training_skips_overflows_apart_and_resumes_with_its_scale(cached_p
     assert metrics["nonfinite_steps"] == 0 and metrics["rollbacks"] == 0
     assert metrics["loss_scale"] < 2.0**26
 
-    original = yem.training.loop.update
-
-    def update_then_signal(run, step):
-        loss = original(run, step)
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss
-
-    monkeypatch.setattr(yem.training.loop, "update", update_then_signal)
+    original = interrupt_after_step(monkeypatch, 6)
     with pytest.raises(TrainingStopped, match="after step 7/12"):
         train("fp16-interrupted")
     monkeypatch.setattr(yem.training.loop, "update", original)
