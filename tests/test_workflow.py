@@ -166,3 +166,24 @@ def test_every_script_parses(index):
     subprocess.run(["bash", "-n", "-c", script], check=True, capture_output=True)
     for body in re.findall(r"<<'EOF'\n(.*?)\nEOF", script, flags=re.S):
         compile(body, f"step {index} heredoc", "exec")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("python", [None, "python3.9"])
+def test_make_with_only_an_old_python_stops_in_one_line_and_creates_nothing(tmp_path, python):
+    """A stock Mac: the first python3 on PATH is 3.9 and there is no python3.1x (or PYTHON names one that is not
+    there). `make demo` stops before it creates anything, in one line naming what it found and how to get one."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("cat", "cksum", "cut", "head"):  # what the Makefile's $(shell …) needs, and no python3.1x
+        (tools / tool).symlink_to(shutil.which(tool))
+    old = tools / "python3"
+    old.write_text('#!/bin/sh\n[ "$1" = "--version" ] && { echo "Python 3.9.6"; exit 0; }\nexit 1\n')  # too old
+    old.chmod(0o755)
+    venv = tmp_path / "venv"
+    command = [shutil.which("make"), "demo", f"VENV={venv}"] + ([f"PYTHON={python}"] if python else [])
+    result = subprocess.run(command, cwd=REPO, env={"PATH": str(tools)}, capture_output=True, text=True)
+    assert result.returncode != 0 and not venv.exists()
+    (line,) = result.stderr.splitlines()
+    got = "python3: Python 3.9.6, and no newer python3.1x on PATH" if python is None else "python3.9: not found"
+    assert f"Python: yem needs 3.11 or newer (got {got}). Install one (brew install python@3.12" in line
