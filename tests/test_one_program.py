@@ -42,14 +42,6 @@ def wait_until(condition, process: subprocess.Popen, log: Path, timeout: float =
         time.sleep(0.05)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def stoppable(tmp_path_factory, tiny_model_dir) -> Path:
     project = make_project(tmp_path_factory.mktemp("stops") / "project")
@@ -82,7 +74,7 @@ def test_a_stop_signal_to_yem_alone_checkpoints_leaves_nothing_running_and_the_r
         assert not re.search(r"Error|ERROR|Traceback|failed|Aborted", text), text[-2000:]  # nothing but that line
         stopped_at = int(stops[0])
         assert stopped_at in checkpoint_steps(stoppable)  # the checkpoint of the step it stopped at
-        assert not any(group_alive(g) for g in groups)  # no orphan
+        assert not any(group.alive(g) for g in groups)  # no orphan
         assert json.loads((stoppable / ".dvc/tmp/rwlock").read_text()) == {}  # dvc released its locks
 
 

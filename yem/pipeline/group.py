@@ -64,14 +64,15 @@ def _signal_group(group: int, signum: int) -> None:
 def _wait_for_group(group: int) -> None:
     """Wait until no process of `group` is left (a shell's child may outlive the shell); kill stragglers."""
     deadline = time.monotonic() + LINGER_S
-    while _alive(group):
+    while alive(group):
         if time.monotonic() > deadline:
             _signal_group(group, signal.SIGKILL)
             deadline = math.inf  # SIGKILL cannot be refused: wait for it to land
         time.sleep(0.05)
 
 
-def _alive(group: int) -> bool:
+def alive(group: int) -> bool:
+    """Whether any process of process group `group` is left."""
     try:
         os.killpg(group, 0)
     except ProcessLookupError:
