@@ -276,7 +276,7 @@ def _image_tokens(arch: Architecture, work: Workload) -> int:
     return math.prod(side // VAE_SCALE // arch.patch_size for side in work.pixels)
 
 
-def _tokens(arch: Architecture, work: Workload, text: bool = True) -> int:
+def attention_tokens(arch: Architecture, work: Workload, text: bool = True) -> int:
     """Tokens one attention attends over; `text` False: the image-only second attention of MMDiT-X blocks."""
     return _image_tokens(arch, work) + (work.text_tokens if text else 0)
 
@@ -285,20 +285,21 @@ def _math_scores(arch: Architecture, work: Workload, text: bool = True) -> float
     """One attention's (T × T) fp32 probabilities, where the attention materialises them (the math composite)."""
     if work.attention == "chunked" or work.backend not in chunked.KEEPS_SCORES:
         return 0.0
-    return work.batch_size * arch.heads * _tokens(arch, work, text) ** 2 * SCORE_BYTES
+    return work.batch_size * arch.heads * attention_tokens(arch, work, text) ** 2 * SCORE_BYTES
 
 
 def _attention_kept(arch: Architecture, work: Workload, text: bool = True) -> float:
     """What one attention keeps for backward beyond what flash attention keeps (the constants' calibration):
     the math composite's probabilities, or chunked attention's fp32 output where flash keeps it at s."""
     if work.attention == "chunked":
-        return work.batch_size * arch.heads * _tokens(arch, work, text) * arch.head_dim * (4 - work.dtype_bytes)
+        tokens = attention_tokens(arch, work, text)
+        return work.batch_size * arch.heads * tokens * arch.head_dim * (4 - work.dtype_bytes)
     return _math_scores(arch, work, text)
 
 
 def _chunked_transient(arch: Architecture, work: Workload, score_buffers: int) -> float:
     """One chunked attention call's working set: its chunks' fp32 buffers and the O(T) fp32 copies."""
-    batch, heads, tokens, dim = work.batch_size, arch.heads, _tokens(arch, work), arch.head_dim
+    batch, heads, tokens, dim = work.batch_size, arch.heads, attention_tokens(arch, work), arch.head_dim
     chunk = chunked.chunk_for_budget(batch, heads, tokens, tokens, dim, work.chunk_budget)
     return (chunked.chunk_bytes(batch, heads, tokens, dim, chunk, score_buffers)
             + chunked.fixed_bytes(batch, heads, tokens, tokens, dim, work.dtype_bytes, backward=score_buffers > 1))

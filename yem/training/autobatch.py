@@ -4,8 +4,6 @@ yem.training.batching decides from measured peaks; this module measures them on 
 forward and backward per candidate, no optimizer step, no training randomness consumed) and applies the decisions.
 """
 
-import math
-
 import torch
 
 from yem.data import trainset
@@ -54,8 +52,7 @@ def largest_batch(arch: Architecture | None, work: footprint.Workload) -> int:
     (2³¹ elements: SD3 at 1024 px fails at batch 5); chunked attention sizes its chunks to any batch."""
     if arch is None:
         return batching.MAX_AUTO_BATCH
-    image_tokens = math.prod(side // footprint.VAE_SCALE // arch.patch_size for side in work.pixels)
-    tokens = image_tokens + work.text_tokens  # of the largest bucket
+    tokens = footprint.attention_tokens(arch, work)  # of the largest bucket
     return attention.largest_sdpa_batch(work.attention, work.backend, arch.heads, tokens) or batching.MAX_AUTO_BATCH
 
 
